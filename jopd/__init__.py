@@ -1,0 +1,1 @@
+"""jopd: on-policy distillation of Qwen3 models in JAX."""

@@ -1,0 +1,1 @@
+"""Model definitions (Qwen3, LoRA, Hugging Face conversion); nothing about training."""
