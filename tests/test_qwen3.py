@@ -1,0 +1,139 @@
+"""models/qwen3.py against transformers' Qwen3ForCausalLM: logits (fp32, bf16) and the KV-cache path."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from models import hf, qwen3
+from tests import helpers
+
+FP32_TOL = 1e-4      # max |logit difference| at unpadded positions, fp32
+BF16_KL_TOL = 1e-3   # mean KL(reference || jopd) over unpadded positions, bf16
+
+# Together: head_dim != hidden/heads; GQA ratios 1, 2, 4; tied and untied; rope theta 1e4 and 1e6.
+CONFIGS = {
+    "gqa2_headdim24_untied_theta1e4": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+                                            tie_word_embeddings=False, rope_theta=1e4),
+    "gqa1_tied_theta1e6": dict(num_attention_heads=4, num_key_value_heads=4, head_dim=16,
+                               tie_word_embeddings=True, rope_theta=1e6),
+    "gqa4_headdim32_untied_theta1e6": dict(num_attention_heads=8, num_key_value_heads=2, head_dim=32,
+                                           tie_word_embeddings=False, rope_theta=1e6, num_hidden_layers=3),
+}
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def model_pair(request, tmp_path_factory):
+  ref = helpers.random_hf_model(seed=len(request.param), **CONFIGS[request.param])
+  path = helpers.save_hf_model(ref, tmp_path_factory.mktemp(request.param))
+  cfg, params = hf.load_pretrained(path, dtype=jnp.float32)
+  return ref, cfg, params, path
+
+
+def _padded_batch(seed, pad_side, vocab=300, length=12):
+  rng = np.random.RandomState(seed)
+  tokens = rng.randint(0, vocab, (3, length))
+  lengths = [length, length - 5, length - 9]
+  mask = np.zeros((3, length), bool)
+  for i, n in enumerate(lengths):
+    if pad_side == "left":
+      mask[i, length - n:] = True
+    else:
+      mask[i, :n] = True
+  return tokens, mask
+
+
+def test_config_from_hf_reads_fields(model_pair):
+  ref, cfg, _, _ = model_pair
+  c = ref.config
+  assert (cfg.head_dim, cfg.num_heads, cfg.num_kv_heads) == (c.head_dim, c.num_attention_heads,
+                                                              c.num_key_value_heads)
+  assert cfg.tie_word_embeddings == c.tie_word_embeddings
+  assert cfg.rope_theta == c.rope_parameters["rope_theta"]
+  assert cfg.num_params == sum(p.numel() for p in ref.parameters())
+
+
+@pytest.mark.parametrize("pad_side", ["left", "right"])
+def test_fp32_logits_match_transformers(model_pair, pad_side):
+  ref, cfg, params, _ = model_pair
+  tokens, mask = _padded_batch(1, pad_side)
+  expected = helpers.hf_logits(ref, tokens, mask)
+  got = np.asarray(jax.jit(qwen3.forward, static_argnums=0)(cfg, params, tokens, mask))
+  assert got.shape == expected.shape
+  assert np.abs(got - expected)[mask].max() < FP32_TOL
+
+
+def test_bf16_logits_close_to_transformers_bf16(model_pair):
+  import torch
+  ref, cfg, _, path = model_pair
+  _, params_bf16 = hf.load_pretrained(path, dtype=jnp.bfloat16)
+  tokens, mask = _padded_batch(2, "left")
+  expected = helpers.hf_logits(ref, tokens, mask, dtype=torch.bfloat16)
+  ref.to(torch.float32)
+  got = np.asarray(qwen3.forward(cfg, params_bf16, tokens, mask))
+  log_p = jax.nn.log_softmax(expected, axis=-1)
+  log_q = jax.nn.log_softmax(got, axis=-1)
+  kl = np.asarray(jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1))[mask]
+  assert kl.mean() < BF16_KL_TOL
+  # The comparison is not vacuous: bf16 rounding does move the logits.
+  assert np.abs(got - expected)[mask].max() > 0
+
+
+def test_left_padding_does_not_change_logits():
+  cfg = qwen3.Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                          num_kv_heads=2, head_dim=8)
+  params = qwen3.init_params(cfg, jax.random.key(0), std=0.2)
+  tokens = np.random.RandomState(0).randint(0, 64, (1, 7))
+  alone = qwen3.forward(cfg, params, tokens)
+  padded = np.concatenate([np.zeros((1, 3), int), tokens], axis=1)
+  mask = np.concatenate([np.zeros((1, 3), bool), np.ones((1, 7), bool)], axis=1)
+  shifted = qwen3.forward(cfg, params, padded, mask)
+  np.testing.assert_allclose(shifted[:, 3:], alone, atol=1e-5)
+
+
+@pytest.mark.parametrize("pad_side", ["left", "right"])
+def test_prefill_then_decode_matches_forward(model_pair, pad_side):
+  _, cfg, params, _ = model_pair
+  steps = 16
+  prompt_tokens, prompt_mask = _padded_batch(3, pad_side)
+  b, t = prompt_tokens.shape
+  continuation = np.random.RandomState(4).randint(0, cfg.vocab_size, (b, steps))
+
+  cache = qwen3.init_cache(cfg, b, t + steps, jnp.float32)
+  logits_bv, cache = jax.jit(qwen3.prefill, static_argnums=0)(cfg, params, prompt_tokens, prompt_mask, cache)
+  decode = jax.jit(qwen3.decode_step, static_argnums=0)
+  step_logits = [logits_bv]
+  for i in range(steps):
+    logits_bv, cache = decode(cfg, params, continuation[:, i], cache)
+    step_logits.append(logits_bv)
+  step_logits = np.stack(step_logits, axis=1)  # [B, steps + 1, V]
+
+  # The same sequences run whole: real prompt tokens, then the continuation, left-aligned.
+  full_tokens = np.zeros((b, t + steps), int)
+  full_mask = np.zeros((b, t + steps), bool)
+  last = []
+  for i in range(b):
+    real = prompt_tokens[i][prompt_mask[i]]
+    n = len(real)
+    full_tokens[i, :n + steps] = np.concatenate([real, continuation[i]])
+    full_mask[i, :n + steps] = True
+    last.append(n - 1)
+  full = np.asarray(qwen3.forward(cfg, params, full_tokens, full_mask))
+  expected = np.stack([full[i, last[i]:last[i] + steps + 1] for i in range(b)])
+  assert np.abs(step_logits - expected).max() < FP32_TOL
+
+
+def test_remat_policies_do_not_change_logits_or_grads():
+  cfg = qwen3.Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                          num_kv_heads=2, head_dim=8)
+  params = qwen3.init_params(cfg, jax.random.key(1), std=0.2)
+  tokens = np.random.RandomState(1).randint(0, 64, (2, 6))
+
+  def loss(p, c):
+    return jnp.mean(jax.nn.log_softmax(qwen3.forward(c, p, tokens))[..., 0])
+
+  base_loss, base_grads = jax.value_and_grad(loss)(params, cfg)
+  for policy in ("full", "dots"):
+    c = qwen3.Qwen3Config(**{**cfg.__dict__, "remat": policy})
+    value, grads = jax.value_and_grad(loss)(params, c)
+    np.testing.assert_allclose(value, base_loss, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads, base_grads)
