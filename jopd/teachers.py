@@ -132,6 +132,8 @@ def teacher_from_dict(raw: Any, where: str = "teacher") -> TeacherConfig:
     raw = {"model_path": raw}
   fields = _as_dict(raw, where, "a dict of teacher fields or a model path string")
   _refuse_unknown(fields, _TEACHER_KEYS, where)
+  # "" means unset: ml_collections string fields cannot be set to None from the command line.
+  fields = {k: (None if v == "" and k != "model_path" else v) for k, v in fields.items()}
   if "model_path" not in fields:
     _fail(f"{where}.model_path", "missing: every teacher needs a model path or name")
   _validate_teacher_fields(fields, where, name_optional=True)  # here, so errors name the config path written
@@ -169,7 +171,7 @@ def dataset_teachers_from_dict(raw: Any, where: str = "datasets[0]") -> DatasetT
   _refuse_unknown(fields, _DATASET_KEYS, where)
   dataset = _check_str(fields.get("dataset"), f"{where}.dataset", "a dataset builder name or JSONL path")
   groups = _positive_int(fields.get("groups_per_batch"), f"{where}.groups_per_batch")
-  data_files = fields.get("data_files")
+  data_files = fields.get("data_files") or None  # "" is unset, as in the run configs
   if isinstance(data_files, (list, tuple)):
     data_files = tuple(_check_str(f, f"{where}.data_files[{i}]", "a file path") for i, f in enumerate(data_files))
   else:
@@ -179,12 +181,11 @@ def dataset_teachers_from_dict(raw: Any, where: str = "datasets[0]") -> DatasetT
     _fail(where, "give exactly one of 'teacher' (every row scored by one teacher) or 'teachers' with 'route_key' "
           "(each row routed by its route key)")
   if has_one:
-    if fields.get("route_key") is not None:
+    if fields.get("route_key"):
       _fail(f"{where}.route_key", "only meaningful with 'teachers'; a single 'teacher' scores every row")
     return DatasetTeachers(dataset, groups, (teacher_from_dict(fields["teacher"], f"{where}.teacher"),), None,
                            data_files)
-  route_key = fields.get("route_key", DEFAULT_ROUTE_KEY)
-  route_key = DEFAULT_ROUTE_KEY if route_key is None else route_key
+  route_key = fields.get("route_key") or DEFAULT_ROUTE_KEY
   _check_str(route_key, f"{where}.route_key", "a non-empty row key")
   return DatasetTeachers(dataset, groups, parse_teachers(fields["teachers"], f"{where}.teachers"), route_key,
                          data_files)
@@ -204,6 +205,29 @@ def parse_datasets(raw: Any, where: str = "datasets") -> tuple[DatasetTeachers, 
               f"({by_name[t.name][0]} vs {t}); give different teachers different names")
       by_name.setdefault(t.name, (t, f"{where}[{i}]"))
   return specs
+
+
+def dataset_teachers_from_config(config: Any) -> tuple[DatasetTeachers, ...]:
+  """The run's data sources and teachers from an OPD config (`jopd/config.py::opd`): `datasets` (per-dataset
+  mode), else `teachers` + `route_key` over `dataset` (routed), else the single `teacher_model` (with
+  `teacher_checkpoint`, `teacher_tokenizer_path`) over `dataset`."""
+  get = lambda key, default=None: config.get(key, default) if hasattr(config, "get") else getattr(config, key, default)
+  datasets, teachers = get("datasets") or (), get("teachers") or ()
+  if datasets and teachers:
+    _fail("config.teachers", "set either config.datasets (each entry with its own teacher or teachers) or "
+          "config.teachers (routed over config.dataset), not both")
+  if datasets:
+    return parse_datasets(datasets, "config.datasets")
+  source = {"dataset": get("dataset"), "groups_per_batch": get("groups_per_batch"),
+            "data_files": get("data_files") or None}
+  if teachers:
+    source.update(teachers=teachers, route_key=get("route_key"))
+  else:
+    _check_str(get("teacher_model"), "config.teacher_model", "a teacher model path or name (or set config.teachers "
+               "or config.datasets)")
+    source["teacher"] = {"model_path": get("teacher_model"), "checkpoint_path": get("teacher_checkpoint"),
+                         "tokenizer_path": get("teacher_tokenizer_path")}
+  return (dataset_teachers_from_dict(source, "config"),)
 
 
 def all_teachers(specs: Sequence[DatasetTeachers]) -> tuple[TeacherConfig, ...]:

@@ -193,3 +193,25 @@ def test_env_parsing_precedence_and_legacy():
   assert T.teachers_from_env({}) == (None, None, None)
   with pytest.raises(T.TeacherConfigError, match=r"\$DISTILLATION_TEACHERS: empty entry"):
     T.teachers_from_env({"DISTILLATION_TEACHERS": "/a,,/b"})
+
+
+def test_from_run_config_all_three_modes():
+  from jopd import config as run_config
+  c = run_config.opd()
+  c.teacher_model, c.teacher_checkpoint, c.groups_per_batch = "/t", "", 8
+  (single,) = T.dataset_teachers_from_config(c)
+  assert single.route_key is None and single.teachers == (T.TeacherConfig("/t", "/t"),)  # "" = unset
+  assert single.dataset == c.dataset and single.groups_per_batch == 8 and single.data_files is None
+  c.teachers = [{"model_path": "/t", "route_value": "math", "checkpoint_path": ""},
+                {"model_path": "/u", "route_value": "chem"}]
+  c.route_key = "expert"
+  (routed,) = T.dataset_teachers_from_config(c)
+  assert routed.route_key == "expert" and routed.teacher_for({"expert": "chem"}).model_path == "/u"
+  c.datasets = [{"dataset": "deepmath", "groups_per_batch": 2, "teacher": {"model_path": "/t"}, "data_files": ""}]
+  with pytest.raises(T.TeacherConfigError, match="config.teachers: set either config.datasets"):
+    T.dataset_teachers_from_config(c)
+  c.teachers = []
+  assert T.dataset_teachers_from_config(c)[0].dataset == "deepmath"
+  c.datasets, c.teacher_model = [], ""
+  with pytest.raises(T.TeacherConfigError, match="config.teacher_model: expected a teacher model path"):
+    T.dataset_teachers_from_config(c)
