@@ -1,11 +1,5 @@
-"""Sequence packing: (token_ids, weights) examples -> fixed [B, T] rows of several conversations each, with
-segment ids, per-segment positions and next-token targets whose loss never crosses a segment boundary.
-
-Shift convention. An example's `weights[i]` is the loss weight of token i *as a target* (predicted from tokens
-< i), which is what `jopd.data.sft.render_sft` returns. In a packed row the loss at position p predicts the token
-at p + 1: `targets_bt[r, p] = tokens[i + 1]` and `weights_bt[r, p] = weights[i + 1]` where position p holds
-token i of a segment. Each segment's last position has target `pad_id` and weight 0, so no position is trained
-to predict the first token of the next conversation (and `weights[0]` is never used).
+"""Sequence packing: (token_ids, weights) examples -> fixed [B, T] rows holding several conversations, with
+segment ids, positions restarting per segment and next-token targets that never cross a segment boundary.
 """
 from __future__ import annotations
 
@@ -51,7 +45,14 @@ def first_fit(lengths: Sequence[int], order: Sequence[int], num_bins: int, capac
 
 def pack_rows(examples: Sequence[tuple[np.ndarray, np.ndarray]], bins: Sequence[Sequence[int]], seq_len: int,
               pad_id: int = 0) -> Batch:
-  """Lays out `bins` (lists of indices into `examples`, one list per row) as a [len(bins), seq_len] batch."""
+  """Lays out `bins` (lists of indices into `examples`, one list per row) as a [len(bins), seq_len] batch.
+
+  The shift: an example's `weights[i]` is the loss weight of token i *as a target* (what `render_sft` returns),
+  and the loss at position p predicts the token at p + 1. Where position p holds token i of a segment,
+  `targets_bt[r, p] = tokens[i + 1]` and `weights_bt[r, p] = weights[i + 1]`. A segment's last position has
+  target `pad_id` and weight 0, so no position learns to predict the next conversation's first token (and
+  `weights[0]`, a token with no predecessor, is never used). Padding: segment id 0, weight 0, position 0.
+  """
   num_rows = len(bins)
   tokens_bt = np.full((num_rows, seq_len), pad_id, np.int32)
   targets_bt = np.full((num_rows, seq_len), pad_id, np.int32)

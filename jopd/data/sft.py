@@ -1,14 +1,5 @@
-"""SFT rendering: a conversation -> token ids through the tokenizer's own chat template, plus per-token loss
-weights that are 1 exactly on assistant content and its end-of-turn token.
-
-How the spans are found without knowing the template's layout. The conversation is rendered to text once and
-tokenized with character offsets (this is what `apply_chat_template(tokenize=True)` does, so the ids are the
-same). For assistant turn i, the template renders `messages[:i]` with the generation prompt: that text must be a
-prefix of the full text (else the row is refused), and the turn's trained span runs from its end to the first
-`end_of_turn` after it, inclusive. Headers (`<|im_start|>assistant\\n`) and the newline after `<|im_end|>` are
-therefore 0, and a template that rewrites content (e.g. Qwen3 dropping past `<think>` blocks) is followed.
-`{% generation %}` masks (`return_assistant_tokens_mask`) are not used: most real templates, Qwen3's included,
-have none; the tests check the two agree where a template has them.
+"""SFT rendering: a conversation -> token ids through the tokenizer's own chat template, and per-token loss
+weights that are 1 exactly on assistant content and its end-of-turn token (headers and user turns 0).
 """
 from __future__ import annotations
 
@@ -35,6 +26,14 @@ def render_sft(tokenizer: Any, messages: Sequence[dict[str, str]], *, max_length
   """Token ids int32[T] and loss weights float32[T], T <= max_length, of one SFT conversation.
 
   `weights[t]` is the weight of token t as a prediction target (see jopd/data/packing.py for the shift).
+
+  Spans are found without knowing the template's layout. The conversation is rendered to text once and
+  tokenized with character offsets (exactly what `apply_chat_template(tokenize=True)` does, so the ids match).
+  For assistant turn i the template renders `messages[:i]` plus the generation prompt: that text must be a
+  prefix of the whole, and the trained span runs from its end to the first `end_of_turn` after it, inclusive.
+  So `<|im_start|>assistant\n` and the newline after `<|im_end|>` get 0, and a template that rewrites past turns
+  (Qwen3 drops their `<think>` blocks) is followed. `{% generation %}` masks are not used: most real templates,
+  Qwen3's included, have none; the tests check that both agree where a template has them.
   `train_on='last_assistant'` weights only the final assistant turn. Raises RowError for bad rows (reasons
   above and in rows.py, fields named 'messages[i]...') and ValueError for a bad argument.
   """
