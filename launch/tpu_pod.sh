@@ -111,8 +111,9 @@ parse_worker_flags() {
 worker_setup() {
   w_repo_dir='~/jopd' w_src='' w_python=3.11 w_extras=''
   parse_worker_flags "$@"
-  local repo src=$w_src manifest files
+  local repo src manifest files
   repo=$(expand_home "$w_repo_dir")
+  src=$(expand_home "$w_src")
   [ -d "$src" ] || die "worker setup: no unpacked code at $src"
   mkdir -p "$repo"
   manifest="$repo/.jopd-launch-files"
