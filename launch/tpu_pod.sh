@@ -43,6 +43,9 @@ Options:
   --extras=LIST            pip extras of jopd to install, e.g. --extras=wandb
   --skip-setup             do not copy or install the code (reuse what the workers have)
   --internal-ip            connect to the workers by internal IP (from a VM in the same VPC)
+  --max-restarts=N         when the run ends with status 42 (jopd.train got SIGTERM and saved a checkpoint) or 255
+                           (ssh lost the workers, e.g. a preempted spot slice), start over: re-create the slice
+                           if needed, sync, run the same command, which resumes from log_path (default: 0)
   --detach                 start the command and return; follow it later with --attach
   --attach                 follow the live run RUN (its output from the last 20 lines on)
   --stop                   send SIGTERM to run RUN on all workers (jopd.train saves a checkpoint, then exits)
@@ -258,7 +261,7 @@ worker_stop() {
 
 parse_args() {
   tpu='' zone='' project='' accelerator_type='' version='' queued=0 spot=0 repo_dir='~/jopd' run_name=''
-  log_dir=logs python=3.11 extras='' skip_setup=0 internal_ip=0 detach=0 attach=0 stop=0
+  log_dir=logs python=3.11 extras='' skip_setup=0 internal_ip=0 detach=0 attach=0 stop=0 max_restarts=0
   create_flags=()
   user_cmd=()
   while [ $# -gt 0 ]; do
@@ -274,8 +277,9 @@ parse_args() {
         esac
         ;;
       --tpu | --zone | --project | --accelerator-type | --version | --repo-dir | --run-name | --log-dir | --python | \
-        --extras | --create-flag | --tpu=* | --zone=* | --project=* | --accelerator-type=* | --version=* | \
-        --repo-dir=* | --run-name=* | --log-dir=* | --python=* | --extras=* | --create-flag=*)
+        --extras | --create-flag | --max-restarts | --tpu=* | --zone=* | --project=* | --accelerator-type=* | \
+        --version=* | --repo-dir=* | --run-name=* | --log-dir=* | --python=* | --extras=* | --create-flag=* | \
+        --max-restarts=*)
         case $arg in
           *=*) key=${arg%%=*} val=${arg#*=} ;;
           *)
@@ -288,7 +292,7 @@ parse_args() {
           --tpu) tpu=$val ;; --zone) zone=$val ;; --project) project=$val ;;
           --accelerator-type) accelerator_type=$val ;; --version) version=$val ;; --repo-dir) repo_dir=$val ;;
           --run-name) run_name=$val ;; --log-dir) log_dir=$val ;; --python) python=$val ;; --extras) extras=$val ;;
-          --create-flag) create_flags+=("$val") ;;
+          --create-flag) create_flags+=("$val") ;; --max-restarts) max_restarts=$val ;;
         esac
         ;;
       *) usage_error "unknown argument '$arg' (the command to run goes after --)" ;;
@@ -308,6 +312,7 @@ parse_args() {
   if [ -z "$run_name" ]; then run_name=$(date -u +%Y%m%d-%H%M%S); fi
   [[ $run_name =~ ^[A-Za-z0-9._-]+$ ]] || usage_error "--run-name may hold only letters, digits, '.', '_' and '-'"
   [[ $python =~ ^3\.[0-9]+$ ]] || usage_error "--python must look like 3.11"
+  [[ $max_restarts =~ ^[0-9]+$ ]] || usage_error "--max-restarts must be a non-negative integer"
   [[ $extras =~ ^[A-Za-z0-9_,-]*$ ]] || usage_error "--extras must be a comma-separated list of extras"
   if [ -z "$accelerator_type" ]; then
     accelerator_type=v5p-64 accelerator_explicit=0
@@ -483,32 +488,55 @@ main() {
     exit 0
   fi
 
+  local_logs="$log_dir/$tpu/$run_name"
   if [ "$attach" = 1 ]; then
-    mode=(--attach)
+    remote_cmd="bash $remote_script --worker-run $(quote_argv "${worker_flags[@]}") --attach"
   else
-    ensure_tpu
-    if [ "$skip_setup" = 0 ]; then sync_code; fi
     mode=()
     if [ "$detach" = 1 ]; then mode=(--detach); fi
+    remote_cmd="bash $remote_script --worker-run $(quote_argv "${worker_flags[@]}" ${mode[@]+"${mode[@]}"})"
+    remote_cmd="$remote_cmd -- $(quote_argv "${user_cmd[@]}")"
   fi
-  remote_cmd="bash $remote_script --worker-run $(quote_argv "${worker_flags[@]}" ${mode[@]+"${mode[@]}"})"
-  if [ "$attach" = 0 ]; then remote_cmd="$remote_cmd -- $(quote_argv "${user_cmd[@]}")"; fi
 
-  local_logs="$log_dir/$tpu/$run_name"
   if [ "$DRY_RUN" = 1 ]; then
+    if [ "$attach" = 0 ]; then
+      ensure_tpu
+      if [ "$skip_setup" = 0 ]; then sync_code; fi
+    fi
     run mkdir -p "$local_logs"
     ssh_all "$remote_cmd"
     note "its output (lines prefixed [worker N]) is split into $local_logs/worker-N.log;" \
       "on the workers: $repo_dir/logs/$run_name/worker-N.log"
+    if [ "$max_restarts" -gt 0 ]; then
+      note "on exit status 42 (preempted, checkpoint saved) or 255 (workers unreachable) it starts over from" \
+        "describe, up to $max_restarts times"
+    fi
     exit 0
   fi
+
   mkdir -p "$local_logs"
   if [ -z "${SSH_AUTH_SOCK:-}" ]; then
     info "hint: with no ssh-agent, ssh may ask for the key passphrase once per worker (ssh-add ~/.ssh/google_compute_engine)"
   fi
-  rc=0
-  ssh_all "$remote_cmd" | split_worker_logs "$local_logs" || rc=$?
-  info "logs: $local_logs/worker-N.log (on the workers: $repo_dir/logs/$run_name/); run name: $run_name"
+  local restarts=0
+  while :; do
+    if [ "$attach" = 0 ]; then
+      ensure_tpu
+      if [ "$skip_setup" = 0 ]; then sync_code; fi
+    fi
+    rc=0
+    ssh_all "$remote_cmd" | split_worker_logs "$local_logs" || rc=$?
+    info "logs: $local_logs/worker-N.log (on the workers: $repo_dir/logs/$run_name/); run name: $run_name"
+    # 42: jopd.train was told to stop (SIGTERM: maintenance, preemption notice) and saved a checkpoint.
+    # 255: ssh could not reach a worker (e.g. the spot slice was preempted). Both resume from log_path.
+    if [ "$attach" = 0 ] && [ "$detach" = 0 ] && [ "$restarts" -lt "$max_restarts" ] &&
+      { [ "$rc" = 42 ] || [ "$rc" = 255 ]; }; then
+      restarts=$((restarts + 1))
+      info "exit status $rc: restart $restarts of $max_restarts (the run resumes from its last checkpoint)"
+      continue
+    fi
+    break
+  done
   if [ "$rc" != 0 ]; then
     info "failed with status $rc on at least one worker; re-attach with --attach --run-name=$run_name if it is still running"
   fi

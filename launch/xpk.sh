@@ -36,7 +36,9 @@ Options:
   --base-docker-image=IMAGE  base for the image xpk builds (default: python:3.11)
   --extras=LIST              pip extras of jopd to install in the default mode, e.g. --extras=wandb
   --max-restarts=N           JobSet restarts after a failure or preemption (xpk's default: 0); each restart runs
-                             COMMAND again, and jopd.train resumes from log_path
+                             COMMAND again, and jopd.train resumes from log_path. N > 0 also passes
+                             --restart-on-user-code-failure, so jopd.train's exit 42 (SIGTERM, checkpoint saved) and
+                             crashes count as failures that restart
   --grace-period=SECONDS     termination grace period, time to save a checkpoint on SIGTERM (xpk's default: 30)
   --priority=PRIORITY        very-low | low | medium | high | very-high
   --xpk-arg=ARG              extra argument for `xpk workload create`, e.g. --xpk-arg=--spot (repeatable)
@@ -125,7 +127,12 @@ else
   run rm -f "$tarball"
   cmd+=(--base-docker-image="$base_image" --script-dir="$script_dir")
 fi
-if [ -n "$max_restarts" ]; then cmd+=(--max-restarts="$max_restarts"); fi
+if [ -n "$max_restarts" ]; then
+  cmd+=(--max-restarts="$max_restarts")
+  # jopd.train exits 42 after a SIGTERM answered with a checkpoint. Recent xpk report a command's non-zero status
+  # (other than 143) as success unless told to hand it to JobSet, which then restarts the workload.
+  if [ "$max_restarts" -gt 0 ]; then cmd+=(--restart-on-user-code-failure); fi
+fi
 if [ -n "$grace_period" ]; then cmd+=(--termination-grace-period-seconds="$grace_period"); fi
 if [ -n "$priority" ]; then cmd+=(--priority="$priority"); fi
 cmd+=(${xpk_args[@]+"${xpk_args[@]}"} --command="$container_cmd")

@@ -326,6 +326,27 @@ def test_tpu_pod_full_launch_with_fake_gcloud(tmp_path):
   assert uv_calls.count("uv venv --python 3.11 .venv") == 1  # worker 1 had no venv; worker 0 kept its own
 
 
+def test_tpu_pod_restarts_after_a_preemption_exit_but_not_after_a_crash(tmp_path):
+  """--max-restarts: status 42 (jopd.train saved a checkpoint on SIGTERM) starts the run over; status 3 does not."""
+  fake_root = tmp_path / "cloud"
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  for i in (0, 1):
+    _fake_worker_home(fake_root, f"w{i}")
+  (fake_root / "state").write_text("READY")
+  _write_exe(bin_dir / "gcloud", FAKE_GCLOUD.format(python=sys.executable))
+  env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", FAKE_ROOT=str(fake_root),
+             FAKE_WORKERS="2", TMPDIR=str(tmp_path), SSH_AUTH_SOCK="x")
+  user_cmd = ["sh", "-c", 'if [ -e "$HOME/ran" ]; then echo resumed; exit 3; fi; touch "$HOME/ran"; exit 42']
+  res = _run([TPU_POD, "--tpu=opd", "--zone=z1", "--run-name=r1", "--skip-setup", "--max-restarts=5",
+              f"--log-dir={tmp_path / 'logs'}", "--", *user_cmd], env=env, timeout=120)
+  assert res.returncode == 3, res.stderr
+  verbs = [json.loads(l)[3] for l in (fake_root / "calls.jsonl").read_text().splitlines()]
+  assert verbs == ["describe", "ssh", "describe", "ssh"]
+  assert "restart 1 of 5" in res.stderr and "restart 2" not in res.stderr
+  assert "resumed" in (tmp_path / "logs/opd/r1/worker-1.log").read_text()
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # xpk.sh
 # ------------------------------------------------------------------------------------------------------------------
@@ -342,7 +363,8 @@ def test_xpk_dry_run_prebuilt_image(poisoned_path, tmp_path):
   command = _flag(cmds[0], "--command")
   assert cmds[0] == ["xpk", "workload", "create", "--cluster=my-cluster", "--workload=opd-1", "--tpu-type=v5p-64",
                      "--num-slices=2", "--project=p", "--zone=us-east5-a", "--docker-image=gcr.io/p/jopd:1",
-                     "--max-restarts=10", "--termination-grace-period-seconds=600", "--spot",
+                     "--max-restarts=10", "--restart-on-user-code-failure",
+                     "--termination-grace-period-seconds=600", "--spot",
                      f"--command={command}"]
   # xpk runs the command as `bash -c '... (COMMAND) & PID=$! ...'`, forwarding SIGTERM to $!. Run it that way.
   wrapper = ("_sigterm() (kill -SIGTERM $! 2>/dev/null;); trap _sigterm SIGTERM; "
