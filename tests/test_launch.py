@@ -281,8 +281,33 @@ fi
 '''
 
 
+def _git(repo: Path, *args):
+  subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args], cwd=repo, check=True,
+                 capture_output=True)
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
 def test_tpu_pod_full_launch_with_fake_gcloud(tmp_path):
-  """A real (non-dry) launch on 2 fake workers: create when missing, ship the code, install, run, split logs."""
+  """A real (non-dry) launch on 2 fake workers: create when missing, ship the working tree, install, run, logs."""
+  # A small checkout of its own: uncommitted edits and untracked files ship, ignored and deleted files do not.
+  repo = tmp_path / "checkout"
+  shutil.copytree(LAUNCH, repo / "launch")
+  for name in ("pyproject.toml", "constraints.txt"):
+    shutil.copy(ROOT / name, repo / name)
+  (repo / ".gitignore").write_text(".venv/\nruns/\n")
+  (repo / "jopd").mkdir()
+  (repo / "jopd/__init__.py").write_text("")
+  (repo / "jopd/gone.py").write_text("")
+  _git(repo, "init", "-q")
+  _git(repo, "add", "-A")
+  _git(repo, "commit", "-q", "-m", "x")
+  (repo / "jopd/__init__.py").write_text("EDITED = True\n")
+  (repo / "jopd/gone.py").unlink()
+  (repo / "configs").mkdir()
+  (repo / "configs/new.py").write_text("")
+  (repo / ".venv").mkdir()
+  (repo / ".venv/huge").write_text("not shipped")
+
   fake_root = tmp_path / "cloud"
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
@@ -303,8 +328,8 @@ def test_tpu_pod_full_launch_with_fake_gcloud(tmp_path):
   env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", FAKE_ROOT=str(fake_root),
              FAKE_WORKERS="2", TMPDIR=str(tmp_path), SSH_AUTH_SOCK="x")
   user_cmd = ["sh", "-c", 'echo "hello from $TPU_WORKER_ID python=$(command -v python)"; exit "$TPU_WORKER_ID"']
-  res = _run([TPU_POD, "--tpu=opd", "--zone=z1", "--run-name=r1", f"--log-dir={tmp_path / 'logs'}", "--",
-              *user_cmd], env=env, timeout=120)
+  res = _run([repo / "launch/tpu_pod.sh", "--tpu=opd", "--zone=z1", "--run-name=r1",
+              f"--log-dir={tmp_path / 'logs'}", "--", *user_cmd], env=env, cwd=tmp_path, timeout=120)
   calls = [json.loads(l) for l in (fake_root / "calls.jsonl").read_text().splitlines()]
   verbs = [c[3] for c in calls]
   assert verbs == ["describe", "create", "describe", "scp", "ssh", "ssh"], (verbs, res.stderr)
@@ -312,13 +337,16 @@ def test_tpu_pod_full_launch_with_fake_gcloud(tmp_path):
   assert res.returncode == 1, res.stderr
 
   for i in (0, 1):
-    repo = fake_root / f"w{i}/jopd"
-    assert (repo / "pyproject.toml").read_bytes() == (ROOT / "pyproject.toml").read_bytes()
-    assert (repo / "launch/tpu_pod.sh").exists() and not (fake_root / f"w{i}/jopd-r1.tar.gz").exists()
+    synced = fake_root / f"w{i}/jopd"
+    assert (synced / "pyproject.toml").read_bytes() == (ROOT / "pyproject.toml").read_bytes()
+    assert (synced / "jopd/__init__.py").read_text() == "EDITED = True\n"
+    assert (synced / "configs/new.py").exists() and not (synced / "jopd/gone.py").exists()
+    assert not (synced / ".venv/huge").exists()
+    assert (synced / "launch/tpu_pod.sh").exists() and not (fake_root / f"w{i}/jopd-r1.tar.gz").exists()
     local_log = (tmp_path / f"logs/opd/r1/worker-{i}.log").read_text()
-    assert f"hello from {i} python={repo}/.venv/bin/python" in local_log
+    assert f"hello from {i} python={synced}/.venv/bin/python" in local_log
     assert f"hello from {1 - i}" not in local_log
-    assert f"hello from {i}" in (repo / f"logs/r1/worker-{i}.log").read_text()
+    assert f"hello from {i}" in (synced / f"logs/r1/worker-{i}.log").read_text()
   assert not (old / "jopd/removed_module.py").exists()
   assert (old / "runs/keep.txt").exists() and (old / ".venv/bin/python").exists()
   uv_calls = (fake_root / "uv.log").read_text().splitlines()
