@@ -54,6 +54,13 @@ def poisoned_path(tmp_path):
   return env, marker
 
 
+# The worker side of tpu_pod.sh runs on Linux TPU VMs: it needs setsid and GNU tail --pid.
+needs_worker_tools = pytest.mark.skipif(
+    shutil.which("setsid") is None or subprocess.run(["tail", "--pid=1", "-n", "0", os.devnull],
+                                                     capture_output=True).returncode != 0,
+    reason="the tpu_pod.sh worker side needs setsid and GNU tail --pid (Linux)")
+
+
 def _run(args, env=None, cwd=ROOT, timeout=60, **kw):
   return subprocess.run([str(a) for a in args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout,
                         **kw)
@@ -168,6 +175,7 @@ def _fake_worker_home(tmp_path: Path, name="worker-home") -> Path:
   return home
 
 
+@needs_worker_tools
 def test_tpu_pod_remote_command_runs_the_exact_argv_on_a_worker(poisoned_path, tmp_path):
   """Execute the printed --command as the worker's login shell would (sh -c): argv, cwd, exit status, logs."""
   env, _ = poisoned_path
@@ -190,6 +198,7 @@ def test_tpu_pod_remote_command_runs_the_exact_argv_on_a_worker(poisoned_path, t
   assert f"[worker 3] in {home / 'jopd'}" in out.stdout
 
 
+@needs_worker_tools
 def test_tpu_pod_worker_run_is_exclusive_and_stop_delivers_sigterm(tmp_path):
   """A second run on a busy worker is refused; --worker-stop SIGTERMs the command (which saves and exits 0)."""
   home = _fake_worker_home(tmp_path)
@@ -286,6 +295,7 @@ def _git(repo: Path, *args):
                  capture_output=True)
 
 
+@needs_worker_tools
 @pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
 def test_tpu_pod_full_launch_with_fake_gcloud(tmp_path):
   """A real (non-dry) launch on 2 fake workers: create when missing, ship the working tree, install, run, logs."""
@@ -354,6 +364,7 @@ def test_tpu_pod_full_launch_with_fake_gcloud(tmp_path):
   assert uv_calls.count("uv venv --python 3.11 .venv") == 1  # worker 1 had no venv; worker 0 kept its own
 
 
+@needs_worker_tools
 def test_tpu_pod_restarts_after_a_preemption_exit_but_not_after_a_crash(tmp_path):
   """--max-restarts: status 42 (jopd.train saved a checkpoint on SIGTERM) starts the run over; status 3 does not."""
   fake_root = tmp_path / "cloud"
