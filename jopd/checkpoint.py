@@ -3,7 +3,6 @@ data-iterator position and the run config as JSON, saved atomically to a local o
 """
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 

@@ -71,7 +71,9 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[
   if math.prod(shape) != len(devices):
     raise ValueError(f"make_mesh(data={data}, fsdp={fsdp}, tensor={tensor}): {math.prod(shape)} != "
                      f"{len(devices)} devices; pick sizes whose product is {len(devices)} or set one to -1")
-  return jax.make_mesh(tuple(shape), AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
+  mesh = jax.make_mesh(tuple(shape), AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
+  log.info("mesh: %s over %d %s devices", dict(mesh.shape), len(devices), devices[0].platform)
+  return mesh
 
 
 def path_str(key_path) -> str:
@@ -87,7 +89,7 @@ def path_str(key_path) -> str:
   return "/".join(parts)
 
 
-def logical_axes(path: str, ndim: int, rules=None):
+def logical_axes(path: str, rules=None):
   """The rule value (logical axes tuple or PartitionSpec) for a path, or None when no rule matches."""
   for pattern, value in RULES if rules is None else rules:
     if re.search(pattern, path):
@@ -98,7 +100,7 @@ def logical_axes(path: str, ndim: int, rules=None):
 def spec_for(path: str, shape: Sequence[int], mesh, rules=None) -> P:
   """The PartitionSpec of one tensor. Mesh axes that do not divide their dim are dropped with a warning."""
   ndim = len(shape)
-  value = logical_axes(path, ndim, rules)
+  value = logical_axes(path, rules)
   if value is None:
     if ndim:
       log.warning("mesh: no partition rule matches %r (shape %s); replicating it. Add a rule to jopd.mesh.RULES "
@@ -206,7 +208,7 @@ def initialize(env: Mapping[str, str] | None = None) -> None:
     if kind != "tpu":
       # CPU processes need gloo to run cross-process collectives; GPU backends ignore this setting.
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    log.info("mesh: joining a %s cluster %s", kind, cluster or "(auto-detected)")
+    log.info("mesh: joining the cluster (%s): %s", kind, cluster or "auto-detected")
     jax.distributed.initialize(**cluster)
   log.info("mesh: process %d of %d, %d local / %d global devices (%s)", jax.process_index(), jax.process_count(),
            jax.local_device_count(), jax.device_count(), jax.default_backend())

@@ -1,6 +1,5 @@
 """LoRA adapters for Qwen3: config, init, logical axes, merge into base weights, and the PEFT tensor layout.
-
-`models/qwen3.py` applies adapters inside its forward (`x @ W + (x @ A) @ B * scale`); this module only builds them.
+`models/qwen3.py` applies them inside its forward (`x @ W + (x @ A) @ B * scale`); this module only builds them.
 """
 from __future__ import annotations
 
@@ -9,7 +8,7 @@ import functools
 import logging
 import math
 import re
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +21,7 @@ LAYER_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 ALL_TARGETS = LAYER_TARGETS + ("lm_head",)
 RANK_AXIS = "lora_rank"
 PEFT_PREFIX = "base_model.model."
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,7 +225,7 @@ def adapters_from_peft(cfg: qwen3.Qwen3Config, tensors: Mapping[str, np.ndarray]
     m = _PEFT_KEY.match(key)
     if m is None:
       if ".base_layer." in key:  # PEFT saves the full lm_head/embedding next to their adapters; not an adapter
-        logging.warning("%s: ignoring %s (a base weight saved by PEFT; jopd takes base weights from the model)",
+        log.warning("%s: ignoring %s (a base weight saved by PEFT; jopd takes base weights from the model)",
                         where, key)
         continue
       raise ValueError(f"{where}: tensor {key!r} is not a LoRA A/B matrix; only LoRA adapters of "
@@ -243,7 +243,8 @@ def adapters_from_peft(cfg: qwen3.Qwen3Config, tensors: Mapping[str, np.ndarray]
     lead = 0 if target == "lm_head" else 1
     cut = lead + decl.in_dims
     in_shape, out_shape = decl.shape[lead:cut], decl.shape[cut:]
-    want = {"A": (rank, math.prod(in_shape)), "B": (math.prod(out_shape), rank)}
+    want = {"A": (rank, math.prod(in_shape)), "B": (math.prod(out_shape), rank)}   # PEFT [r, in], [out, r]
+    shapes = {"A": in_shape + (rank,), "B": (rank,) + out_shape}                     # jopd, per layer
     per_ab = {}
     for ab in "AB":
       got = mats.get(ab, {})
@@ -256,21 +257,9 @@ def adapters_from_peft(cfg: qwen3.Qwen3Config, tensors: Mapping[str, np.ndarray]
         if got[i].shape != want[ab]:
           raise ValueError(f"{where}: {_peft_name(decl, i, ab)} has shape {got[i].shape}, expected {want[ab]} "
                            f"(r={rank} from adapter_config.json)")
-      if ab == "A":
-        per_ab["a"] = np.stack([got[i].T.reshape(in_shape + (rank,)) for i in layers]) if lead else \
-            got[None].T.reshape(in_shape + (rank,))
-      else:
-        per_ab["b"] = np.stack([got[i].T.reshape((rank,) + out_shape) for i in layers]) if lead else \
-            got[None].T.reshape((rank,) + out_shape)
-    if lead:
-      adapters.setdefault("layers", {})[target] = {k: jnp.asarray(v) for k, v in per_ab.items()}
-    else:
-      adapters["lm_head"] = {k: jnp.asarray(v) for k, v in per_ab.items()}
+      per_layer = [got[i].T.reshape(shapes[ab]) for i in layers]
+      per_ab[ab.lower()] = jnp.asarray(np.stack(per_layer) if lead else per_layer[0])
+    (adapters.setdefault("layers", {}) if lead else adapters)[target] = per_ab
   targets = tuple(t for t in ALL_TARGETS if t in found)
   return adapters, targets
 
-
-def targets_from_hf_modules(cfg: qwen3.Qwen3Config, modules: Iterable[str]) -> tuple[str, ...]:
-  """['q_proj', 'lm_head'] -> ('q', 'lm_head')."""
-  by_module = {hf_module(cfg, t): t for t in ALL_TARGETS}
-  return tuple(by_module[m] for m in modules if m in by_module)
