@@ -19,7 +19,7 @@ def common() -> ml_collections.ConfigDict:
   c.max_rows = 0                            # 0: all rows
   c.strict = False                          # raise on the first bad row instead of counting a skip
   c.seed = 0
-  c.num_epochs = 1
+  c.num_epochs = 1                          # 0: repeat the data until max_steps
 
   c.lora_rank = 128                         # 0: full fine-tuning
   c.lora_alpha = 32.0
@@ -75,7 +75,8 @@ def opd() -> ml_collections.ConfigDict:
   c.num_substeps = 1
   c.ratio_log_cap = 20.0                    # |log importance ratio| cap
   c.loss_normalization = "sum"              # sum (reference) | token_mean
-  c.eval_rows = 0                           # held-out rows with expected_answer graded every eval_every
+  c.eval_dataset = ""                       # JSONL/builder of held-out rows with expected_answer
+  c.eval_rows = 0                           # 0: all of eval_dataset
   c.eval_max_tokens = 0                     # 0: max_tokens
   c.max_consecutive_nonfinite = 3
   return c
@@ -92,7 +93,8 @@ def sft() -> ml_collections.ConfigDict:
   c.train_on = "all_assistant"              # all_assistant | last_assistant
   c.reduction = "sum"                       # sum | mean (per example)
   c.packing = True
-  c.eval_rows = 0                           # held-out rows for eval NLL
+  c.eval_dataset = ""                       # held-out conversations for eval NLL
+  c.eval_rows = 0                           # 0: all of eval_dataset
   c.save_every = 500
   c.eval_every = 100
   return c

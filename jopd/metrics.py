@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import re
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -207,8 +208,14 @@ def teacher_metrics(teacher_names: Sequence[str], reverse_kl_sum_b: Any, tokens_
   for t in order:
     rows = names_arr == t
     tokens = float(tok_b[rows].sum())
-    out[f"teacher_route/{t}/scored"] = int(rows.sum())
-    out[f"teacher_route/{t}/tokens"] = tokens
+    slug = metric_slug(t)
+    out[f"teacher_route/{slug}/scored"] = int(rows.sum())
+    out[f"teacher_route/{slug}/tokens"] = tokens
     if tokens > 0:
-      out[f"teacher_kl/{t}"] = float(kl_b[rows].sum() / tokens)
+      out[f"teacher_kl/{slug}"] = float(kl_b[rows].sum() / tokens)
   return out
+
+
+def metric_slug(name: str) -> str:
+  """A teacher name as one metric-path component: '/ckpts/Qwen3-32B' -> 'ckpts_Qwen3-32B'."""
+  return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name)).strip("_") or "teacher"

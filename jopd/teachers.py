@@ -225,7 +225,9 @@ def dataset_teachers_from_config(config: Any) -> tuple[DatasetTeachers, ...]:
   else:
     _check_str(get("teacher_model"), "config.teacher_model", "a teacher model path or name (or set config.teachers "
                "or config.datasets)")
-    source["teacher"] = {"model_path": get("teacher_model"), "checkpoint_path": get("teacher_checkpoint"),
+    # One teacher: its metrics are teacher_kl/teacher, teacher_route/teacher/... whatever its path.
+    source["teacher"] = {"name": "teacher", "model_path": get("teacher_model"),
+                         "checkpoint_path": get("teacher_checkpoint"),
                          "tokenizer_path": get("teacher_tokenizer_path")}
   return (dataset_teachers_from_dict(source, "config"),)
 

@@ -1,0 +1,164 @@
+"""What the OPD trainer and SFT share around their host loops: run directory, compilation cache, model and
+tokenizer loading, trainable/frozen split (LoRA or full), sharded optimizer state, checkpoint resume.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import logging
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import transformers
+
+from jopd import checkpoint as ckpt_lib
+from jopd import mesh as mesh_lib
+from models import hf, lora, qwen3
+
+log = logging.getLogger("jopd")
+
+_DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
+
+
+def setup_logging() -> None:
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every manager detail at INFO
+
+
+def setup_run(c, name: str) -> str:
+  """Creates log_path and turns on the persistent compilation cache; returns log_path (metrics.MetricsWriter
+  writes config.json)."""
+  if not c.log_path:
+    c.log_path = os.path.join("runs", f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+  if not c.log_path.startswith("gs://"):
+    os.makedirs(c.log_path, exist_ok=True)
+  cache_dir = c.compilation_cache_dir or os.path.join(c.log_path, "xla_cache")
+  jax.config.update("jax_compilation_cache_dir", cache_dir)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  return c.log_path
+
+
+def param_dtype(name: str):
+  if name not in _DTYPES:
+    raise ValueError(f"--config.param_dtype={name!r}; expected one of {sorted(_DTYPES)}")
+  return _DTYPES[name]
+
+
+def resolve_model_path(name: str, what: str = "model_name") -> str:
+  """A local checkpoint directory, or a Hugging Face hub name resolved through the local cache (downloaded
+  only when the network allows it)."""
+  if os.path.isdir(name):
+    return name
+  if name.startswith("gs://"):
+    raise ValueError(f"--config.{what}={name!r}: copy gs:// model weights to local disk first "
+                     "(`gcloud storage cp -r`); checkpoints, not base weights, are read from gs://")
+  if name.count("/") != 1 or os.path.exists(name):
+    raise FileNotFoundError(f"--config.{what}={name!r}: not a directory and not a hub name like 'Qwen/Qwen3-8B'")
+  import huggingface_hub
+  patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
+  try:
+    return huggingface_hub.snapshot_download(name, allow_patterns=patterns, local_files_only=True)
+  except Exception:  # not cached: try the network
+    try:
+      return huggingface_hub.snapshot_download(name, allow_patterns=patterns)
+    except Exception as e:
+      raise FileNotFoundError(f"--config.{what}={name!r}: not in the local Hugging Face cache and could not be "
+                              f"downloaded ({type(e).__name__}); pass a local directory") from e
+
+
+def load_tokenizer(path: str):
+  return transformers.AutoTokenizer.from_pretrained(path)
+
+
+@dataclasses.dataclass
+class Model:
+  """A loaded model on the mesh: config, frozen (or, for full fine-tuning, initial) params, tokenizer."""
+  cfg: qwen3.Qwen3Config
+  params: Any
+  tokenizer: Any
+  path: str
+
+
+def load_model(name: str, c, mesh, *, tokenizer_path: str = "", what: str = "model_name") -> Model:
+  path = resolve_model_path(name, what)
+  cfg = dataclasses.replace(qwen3.Qwen3Config.from_hf(path), remat=c.remat)
+  abstract = jax.eval_shape(lambda: qwen3.init_params(cfg, jax.random.key(0), param_dtype(c.param_dtype)))
+  _, params = hf.load_pretrained(path, dtype=param_dtype(c.param_dtype),
+                                 shardings=mesh_lib.shardings_for(abstract, mesh))
+  tokenizer = load_tokenizer(resolve_model_path(tokenizer_path, "tokenizer_path") if tokenizer_path else path)
+  return Model(cfg, params, tokenizer, path)
+
+
+def lora_config(c) -> lora.LoraConfig:
+  return lora.LoraConfig(rank=int(c.lora_rank), alpha=float(c.lora_alpha), targets=tuple(c.lora_targets))
+
+
+def _place(tree, mesh):
+  shardings = mesh_lib.shardings_for(jax.eval_shape(lambda: tree), mesh)
+  return jax.tree.map(lambda x, s: jax.device_put(x, s), tree, shardings)
+
+
+def init_trainable(c, student: Model, mesh, key):
+  """(trainable, frozen): LoRA adapters beside frozen params, or all params (fp32) for full fine-tuning.
+  `load_checkpoint_path` (a jopd checkpoint or a PEFT adapter directory) replaces the initial trainable weights."""
+  lcfg = lora_config(c)
+  if lcfg.enabled:
+    trainable = lora.init_adapters(student.cfg, lcfg, key)
+    frozen = student.params
+  else:
+    trainable = jax.tree.map(lambda x: x.astype(jnp.float32), student.params)
+    frozen = None
+  if c.load_checkpoint_path:
+    trainable = _load_initial_weights(c.load_checkpoint_path, student, lcfg, trainable)
+  return _place(trainable, mesh), frozen
+
+
+def _load_initial_weights(path: str, student: Model, lcfg: lora.LoraConfig, trainable):
+  if os.path.exists(os.path.join(path, "adapter_config.json")):
+    from jopd import export
+    adapters, peft_cfg = export.import_peft(path, student.cfg)
+    if (peft_cfg.rank, peft_cfg.targets, peft_cfg.lm_head) != (lcfg.rank, lcfg.targets, lcfg.lm_head):
+      raise ValueError(f"--config.load_checkpoint_path={path}: PEFT adapter has rank {peft_cfg.rank}, targets "
+                       f"{peft_cfg.targets}; the run asks for lora_rank={lcfg.rank}, lora_targets={lcfg.targets}")
+    loaded = adapters
+  else:
+    loaded, meta = ckpt_lib.load_trainable(path)
+    if int(meta.get("lora_rank", -1)) != lcfg.rank:
+      raise ValueError(f"--config.load_checkpoint_path={path}: checkpoint has lora_rank={meta.get('lora_rank')}, "
+                       f"the run asks for lora_rank={lcfg.rank}")
+  want = jax.tree.structure(trainable)
+  if jax.tree.structure(loaded) != want:
+    raise ValueError(f"--config.load_checkpoint_path={path}: its weights do not match the run's trainable tree "
+                     f"(lora_targets or model differ)")
+  log.info("loaded initial weights from %s (weights only; optimizer starts fresh)", path)
+  return jax.tree.map(lambda x, ref: jnp.asarray(np.asarray(x), ref.dtype), loaded, trainable)
+
+
+def init_opt_state(optimizer, trainable, mesh):
+  """Optimizer state created directly with the shardings the rules table gives it."""
+  abstract = jax.eval_shape(optimizer.init, trainable)
+  return jax.jit(optimizer.init, out_shardings=mesh_lib.shardings_for(abstract, mesh))(trainable)
+
+
+def run_meta(c, student: Model, extra: dict | None = None) -> dict:
+  """What export and load_checkpoint_path need to interpret a checkpoint without the run's config file."""
+  return {"config": json.loads(c.to_json_best_effort()), "base_model_path": student.path, "model_config": student.cfg.to_hf(),
+          **lora_config(c).to_meta(), **(extra or {})}
+
+
+def restore_or_start(checkpointer, state: dict, data_state_setter=None):
+  """Resumes from the latest checkpoint in the run's directory, if any. Returns (state, start_step)."""
+  step = checkpointer.latest_step()
+  if step is None:
+    return state, 0
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+  state, data_state, _ = checkpointer.restore(step, abstract_state=abstract)
+  if data_state_setter is not None and data_state is not None:
+    data_state_setter(data_state)
+  log.info("resumed from checkpoint at step %d", step)
+  return state, int(step)
+

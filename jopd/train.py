@@ -1,0 +1,374 @@
+"""On-policy distillation: `python -m jopd.train --config=configs/deepmath.py [--config.field=value ...]`.
+
+The host loop owns the order sample -> route -> teacher score -> advantages -> update; each stage is a jitted
+function elsewhere (jopd.sampler, jopd.scoring, jopd.update) taking params as arguments.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app
+from ml_collections import config_flags
+
+from jopd import buckets, checkpoint, losses, runtime, sampler, scoring, teachers as teachers_lib, update
+from jopd import eval as eval_lib
+from jopd import mesh as mesh_lib
+from jopd import metrics as metrics_lib
+from jopd.data import pipeline as data_pipeline
+from jopd.data.rows import SkipCounter
+from models import lora
+
+log = logging.getLogger("jopd")
+
+# Exit status after a SIGTERM (preemption) was answered with a checkpoint; launchers restart on it.
+PREEMPTED_EXIT_CODE = 42
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file (configs/*.py).", lock_config=True)
+
+
+# ============================================================================================ teachers
+
+class Teacher:
+  """A frozen teacher: shared base params (one copy per model_path) plus its optional adapter."""
+
+  def __init__(self, spec: teachers_lib.TeacherConfig, model: runtime.Model, adapters=None, lora_scale=1.0,
+               params=None):
+    self.spec, self.model = spec, model
+    self.params = model.params if params is None else params
+    self.adapters, self.lora_scale = adapters, lora_scale
+
+
+def load_teachers(c, specs, student: runtime.Model, mesh) -> dict[str, Teacher]:
+  bases: dict[str, runtime.Model] = {}
+  out = {}
+  for spec in teachers_lib.all_teachers(specs):
+    if spec.model_path not in bases:
+      bases[spec.model_path] = runtime.load_model(spec.model_path, c, mesh, what=f"teacher {spec.name} model_path")
+    base = bases[spec.model_path]
+    tokenizer = base.tokenizer
+    if spec.tokenizer_path and spec.tokenizer_path != spec.model_path:
+      tokenizer = runtime.load_tokenizer(runtime.resolve_model_path(spec.tokenizer_path, "teacher tokenizer_path"))
+    model = runtime.Model(base.cfg, base.params, tokenizer, base.path)
+    # Base students and instruct teachers differ in eos (<|endoftext|> vs <|im_end|>); ids are still compared
+    # in full and both end tokens stop sampling (see stop_token_ids).
+    teachers_lib.check_tokenizers(student.tokenizer, tokenizer, spec.name, ignore_roles=("eos",))
+    if student.cfg.vocab_size != model.cfg.vocab_size:
+      raise ValueError(f"teacher {spec.name!r}: vocab_size {model.cfg.vocab_size} != student's "
+                       f"{student.cfg.vocab_size}; the teacher scores the student's token ids")
+    out[spec.name] = _with_checkpoint(spec, model, mesh)
+  return out
+
+
+def _with_checkpoint(spec, model: runtime.Model, mesh) -> Teacher:
+  if not spec.checkpoint_path:
+    return Teacher(spec, model)
+  if os.path.exists(os.path.join(spec.checkpoint_path, "adapter_config.json")):
+    from jopd import export
+    adapters, lcfg = export.import_peft(spec.checkpoint_path, model.cfg)
+    return Teacher(spec, model, _replicate(adapters, mesh), lcfg.scale)
+  trainable, meta = checkpoint.load_trainable(spec.checkpoint_path)
+  lcfg = lora.LoraConfig.from_meta(meta)
+  if lcfg.enabled:
+    return Teacher(spec, model, _replicate(trainable, mesh), lcfg.scale)
+  dtype = jax.tree.leaves(model.params)[0].dtype
+  params = jax.tree.map(lambda x, ref: jax.device_put(np.asarray(x).astype(dtype), ref.sharding), trainable,
+                        model.params)
+  return Teacher(spec, model, params=params)
+
+
+def _replicate(tree, mesh):
+  return jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s), tree,
+                      mesh_lib.shardings_for(jax.eval_shape(lambda: tree), mesh))
+
+
+# ============================================================================================ data
+
+def load_data(c, specs, student: runtime.Model, teachers: dict[str, Teacher], counter: SkipCounter):
+  contexts = {name: data_pipeline.TeacherContext(t.model.tokenizer, t.spec.teacher_messages_key)
+              for name, t in teachers.items()}
+  pipelines = {}
+  for i, spec in enumerate(specs):
+    name = spec.dataset if len(specs) == 1 else f"{i}:{os.path.basename(spec.dataset)}"
+    examples = data_pipeline.load_examples(
+        spec.dataset, tokenizer=student.tokenizer, counter=counter, data_files=spec.data_files, split=c.split,
+        max_rows=c.max_rows or None, name=name, max_prompt_tokens=c.max_prompt_tokens,
+        route=lambda row, s=spec: s.teacher_for(row).name, teacher_contexts=contexts)
+    pipelines[name] = data_pipeline.Pipeline(
+        examples, groups_per_batch=spec.groups_per_batch, seed=c.seed, num_epochs=c.num_epochs or None,
+        process_index=0, process_count=1, name=name)
+  # Every process holds the global batch (the programs are SPMD over the global mesh).
+  return pipelines[next(iter(pipelines))] if len(pipelines) == 1 else data_pipeline.MultiPipeline(pipelines)
+
+
+# ============================================================================================ one step
+
+def stop_token_ids(tokenizer) -> list[int]:
+  """eos and, when the vocab has it, the chat end-of-turn token: a completion ends at either."""
+  ids = {tokenizer.eos_token_id}
+  im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+  if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
+    ids.add(im_end)
+  return sorted(i for i in ids if i is not None)
+
+
+def opd_loss(model_cfg, lora_enabled, lora_scale, temperature, ratio_log_cap, normalization, chunk,
+             trainable, frozen, mb, totals):
+  params, adapters = update.model_args(trainable, frozen, lora_enabled)
+  logp_bt, entropy_bt = scoring.sequence_logprobs(
+      model_cfg, params, mb["tokens"], mb["attention_mask"], mb["targets"], adapters=adapters,
+      lora_scale=lora_scale, temperature=temperature, chunk_size=chunk)
+  loss, metrics = losses.importance_sampling_loss(
+      logp_bt, mb["sampling_logprobs"], mb["advantages"], mb["loss_mask"], ratio_log_cap, normalization,
+      token_count=totals["tokens"])
+  mask = mb["loss_mask"].astype(jnp.float32)
+  metrics["entropy"] = jnp.sum(entropy_bt * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+  return loss, metrics
+
+
+_advantages = jax.jit(losses.advantages)
+
+
+def build_batch(prompts, completions, sampling_lps, teacher_lps, c, shards: int) -> dict[str, np.ndarray]:
+  """Token rows prompt + completion, right-padded to a bucket; position t predicts token t+1, so the
+  completion's logprobs sit at positions [len(prompt) - 1, len(prompt) - 1 + len(completion))."""
+  rows = [np.concatenate([p, x]) for p, x in zip(prompts, completions)]
+  b = buckets.batch_bucket(len(rows), shards * max(1, c.micro_batch_size and 1))
+  t = buckets.length_bucket(max(len(r) for r in rows))
+  tokens, attention = buckets.pad_rows(rows, b, t, left=False)
+  loss_mask = np.zeros((b, t), bool)
+  ls = np.zeros((b, t), np.float32)
+  lt = np.zeros((b, t), np.float32)
+  for i, (p, x) in enumerate(zip(prompts, completions)):
+    span = slice(len(p) - 1, len(p) - 1 + len(x))
+    loss_mask[i, span] = True
+    ls[i, span] = sampling_lps[i]
+    lt[i, span] = teacher_lps[i]
+  adv = np.asarray(_advantages(ls, lt, loss_mask, np.float32(c.kl_penalty_coef),
+                               np.float32(c.kl_discount_factor)))
+  targets = np.pad(tokens[:, 1:], ((0, 0), (0, 1)))
+  return {"tokens": tokens, "attention_mask": attention, "targets": targets, "loss_mask": loss_mask,
+          "sampling_logprobs": ls, "advantages": adv}
+
+
+def score_with_teachers(examples, completions, teachers, mesh) -> list[np.ndarray]:
+  """Each completion scored by the teacher its row was routed to, under that teacher's own context."""
+  out: list[Any] = [None] * len(completions)
+  by_teacher: dict[str, list[int]] = {}
+  for i, ex in enumerate(examples):
+    by_teacher.setdefault(ex["teacher"], []).append(i)
+  for name, ids in by_teacher.items():
+    t = teachers[name]
+    scores = scoring.token_logprobs(t.model.cfg, t.params, [examples[i]["teacher_ids"] for i in ids],
+                                    [completions[i] for i in ids], adapters=t.adapters, lora_scale=t.lora_scale,
+                                    mesh=mesh)
+    for i, s in zip(ids, scores):
+      out[i] = s
+  return out
+
+
+# ============================================================================================ main loop
+
+class _Preemption:
+  """SIGTERM sets a flag; the loop checkpoints at the next step boundary and exits with PREEMPTED_EXIT_CODE."""
+
+  def __init__(self):
+    self.requested = False
+    signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, *_):
+    log.warning("SIGTERM received: checkpointing at the end of this step, then exiting")
+    self.requested = True
+
+
+def run(c) -> dict[str, float]:
+  """Trains per `c`; returns the last step's metrics."""
+  mesh_lib.initialize()
+  log_path = runtime.setup_run(c, "opd")
+  preemption = _Preemption()
+  mesh = mesh_lib.make_mesh(c.mesh_data, c.mesh_fsdp, c.mesh_tensor)
+  shards = scoring.batch_sharding(mesh)[1]
+  key = jax.random.key(c.seed)
+  init_key, key = jax.random.split(key)
+
+  with jax.sharding.use_mesh(mesh) if hasattr(jax.sharding, "use_mesh") else _nullcontext():
+    student = runtime.load_model(c.model_name, c, mesh, tokenizer_path=c.tokenizer_path)
+    specs = teachers_lib.dataset_teachers_from_config(c)
+    teachers = load_teachers(c, specs, student, mesh)
+    counter = SkipCounter(strict=c.strict)
+    data = load_data(c, specs, student, teachers, counter)
+    lcfg = runtime.lora_config(c)
+    trainable, frozen = runtime.init_trainable(c, student, mesh, init_key)
+    total_steps = c.max_steps or _steps_in_data(data, c)
+    optimizer = update.make_optimizer(c, total_steps)
+    opt_state = runtime.init_opt_state(optimizer, trainable, mesh)
+    state = {"trainable": trainable, "opt_state": opt_state, "rng": jax.random.key_data(key)}
+    ckpt = checkpoint.Checkpointer(os.path.join(log_path, "checkpoints"), max_to_keep=c.max_to_keep)
+    state, start = runtime.restore_or_start(ckpt, state, data.set_state)
+    meta = runtime.run_meta(c, student)
+    primary = jax.process_index() == 0
+    writer = metrics_lib.MetricsWriter(log_path, wandb_project=c.wandb_project or None, config=c.to_dict(),
+                                       is_primary=primary, start_step=start + 1)
+    bar = metrics_lib.ProgressBar(total_steps, initial=start, enabled=primary)
+    loss_fn = functools.partial(opd_loss, student.cfg, lcfg.enabled, lcfg.scale, float(c.temperature),
+                                float(c.ratio_log_cap) or None, c.loss_normalization, 128)
+    eos = stop_token_ids(student.tokenizer)
+    last: dict[str, float] = {}
+    consecutive_nonfinite = 0
+
+    for step in range(start, total_steps):
+      t0 = time.perf_counter()
+      try:
+        examples = next(data)
+      except StopIteration:
+        log.info("end of data at step %d", step)
+        break
+      rng = jax.random.wrap_key_data(state["rng"])
+      rng, sample_rng = jax.random.split(rng)
+      group = [ex for ex in examples for _ in range(c.group_size)]
+      params, adapters = update.model_args(state["trainable"], frozen, lcfg.enabled)
+      result = sampler.sample(student.cfg, params, [ex["prompt_ids"] for ex in group], adapters=adapters,
+                              lora_scale=lcfg.scale, max_new_tokens=c.max_tokens, temperature=c.temperature,
+                              top_k=c.top_k, top_p=c.top_p, stop_token_ids=eos, rng=sample_rng, mesh=mesh)
+      t1 = time.perf_counter()
+      teacher_lps = score_with_teachers(group, result.tokens, teachers, mesh)
+      t2 = time.perf_counter()
+
+      step_metrics: dict[str, Any] = {}
+      k = c.num_substeps
+      per = -(-len(group) // k)
+      for s in range(k):
+        sl = slice(s * per, (s + 1) * per)
+        batch = build_batch([ex["prompt_ids"] for ex in group[sl]], result.tokens[sl], result.logprobs[sl],
+                            teacher_lps[sl], c, shards)
+        micro = max(1, batch["tokens"].shape[0] // c.micro_batch_size) if c.micro_batch_size else 1
+        new_trainable, new_opt, m = update.train_step(
+            state["trainable"], state["opt_state"], frozen, update.put_batch(batch, mesh), loss_fn=loss_fn,
+            optimizer=optimizer, num_micro=micro)
+        state = dict(state, trainable=new_trainable, opt_state=new_opt)
+        for name, v in m.items():
+          step_metrics.setdefault(name, []).append(float(v))
+      state["rng"] = jax.random.key_data(rng)
+      t3 = time.perf_counter()
+
+      skipped = max(step_metrics["skipped_nonfinite"])
+      consecutive_nonfinite = consecutive_nonfinite + 1 if skipped else 0
+      if skipped:
+        log.warning("step %d: non-finite loss or gradient; update skipped (rows %s)", step,
+                    [ex["where"] for ex in examples])
+      if consecutive_nonfinite > c.max_consecutive_nonfinite:
+        raise FloatingPointError(f"{consecutive_nonfinite} consecutive steps with a non-finite loss or gradient "
+                                 f"(max_consecutive_nonfinite={c.max_consecutive_nonfinite}); stopping with the "
+                                 f"last good checkpoint intact in {ckpt.directory}")
+      rkl = [float(np.sum(ls - lt)) for ls, lt in zip(result.logprobs, teacher_lps)]
+      ntok = [len(x) for x in result.tokens]
+      generated = int(sum(ntok))
+      out = metrics_lib.teacher_metrics([ex["teacher"] for ex in group], rkl, ntok, teachers)
+      out.update({
+          "sampler_trainer_kl": float(np.mean(step_metrics["sampler_trainer_kl"])),
+          "entropy": float(np.mean(step_metrics["entropy"])),
+          "loss": float(np.sum(step_metrics["loss"])), "grad_norm": float(np.mean(step_metrics["grad_norm"])),
+          "train/skipped_nonfinite": skipped,
+          "tokens/generated": generated,
+          "frac_truncated": float(np.mean([r == "length" for r in result.finish_reasons])),
+          "time/sample": t1 - t0, "time/score": t2 - t1, "time/train": t3 - t2, "time/step": t3 - t0,
+          "throughput/tokens_per_s": generated / max(t3 - t0, 1e-9),
+          **counter.metrics(),
+      })
+      done = step + 1
+      if c.eval_every and (done % c.eval_every == 0 or done == total_steps) and c.eval_dataset:
+        out.update(evaluate(c, student, teachers, state, frozen, lcfg, mesh))
+      writer.write(done, out)
+      bar.update(done, out)
+      last = out
+      if preemption.requested or (c.save_every and done % c.save_every == 0) or done == total_steps:
+        writer.flush()
+        ckpt.save(done, state, data_state=data.get_state(), meta=meta, force=True)
+      _fault_hooks(done, ckpt)
+      if preemption.requested:
+        ckpt.wait()
+        writer.close()
+        log.warning("preempted: checkpoint at step %d written; exiting with %d", done, PREEMPTED_EXIT_CODE)
+        sys.exit(PREEMPTED_EXIT_CODE)
+    ckpt.wait()
+    writer.close()
+    bar.close()
+  return last
+
+
+def _fault_hooks(step: int, ckpt) -> None:
+  """Test hook: JOPD_TEST_KILL_AFTER_STEP=N SIGKILLs this process once step N (and its checkpoint, if any) is
+  durable, so tests can check that a killed run resumes exactly."""
+  if os.environ.get("JOPD_TEST_KILL_AFTER_STEP") == str(step):
+    ckpt.wait()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _steps_in_data(data, c) -> int:
+  pipes = getattr(data, "pipelines", {"x": data}).values()
+  return min(p.batches_per_epoch for p in pipes) * max(1, c.num_epochs)
+
+
+class _nullcontext:
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *_):
+    return False
+
+
+# ============================================================================================ eval
+
+def evaluate(c, student, teachers, state, frozen, lcfg, mesh) -> dict[str, float]:
+  """Greedy samples on `eval_dataset` rows with `expected_answer`, graded; teacher KL of those samples."""
+  counter = SkipCounter(strict=False)
+  specs = teachers_lib.dataset_teachers_from_config(c)
+  spec = specs[0]
+  contexts = {name: data_pipeline.TeacherContext(t.model.tokenizer, t.spec.teacher_messages_key)
+              for name, t in teachers.items()}
+  examples = data_pipeline.load_examples(
+      c.eval_dataset, tokenizer=student.tokenizer, counter=counter, max_rows=c.eval_rows or None, name="eval",
+      max_prompt_tokens=c.max_prompt_tokens, route=lambda row: spec.teacher_for(row).name,
+      teacher_contexts=contexts)
+  params, adapters = update.model_args(state["trainable"], frozen, lcfg.enabled)
+  eos = stop_token_ids(student.tokenizer)
+  by_row = {id(ex["row"]): ex for ex in examples}
+
+  def sample_fn(rows):
+    exs = [by_row[id(r)] for r in rows]
+    res = sampler.sample(student.cfg, params, [ex["prompt_ids"] for ex in exs], adapters=adapters,
+                         lora_scale=lcfg.scale, max_new_tokens=c.eval_max_tokens or c.max_tokens, temperature=0.0,
+                         stop_token_ids=eos, rng=jax.random.key(0), mesh=mesh)
+    tl = score_with_teachers(exs, res.tokens, teachers, mesh)
+    return [eval_lib.EvalSample(student.tokenizer.decode(toks, skip_special_tokens=True),
+                                float(np.sum(_greedy_logprobs(student, params, adapters, lcfg, ex, toks, mesh)
+                                             - t)), len(toks))
+            for ex, toks, t in zip(exs, res.tokens, tl)]
+
+  return eval_lib.evaluate([ex["row"] for ex in examples], sample_fn, batch_size=max(1, c.groups_per_batch))
+
+
+def _greedy_logprobs(student, params, adapters, lcfg, ex, toks, mesh):
+  """Student logprobs (temperature 1) of a greedy completion, for the eval teacher KL."""
+  return scoring.token_logprobs(student.cfg, params, [ex["prompt_ids"]], [toks], adapters=adapters,
+                                lora_scale=lcfg.scale, mesh=mesh)[0]
+
+
+def main(argv):
+  del argv
+  runtime.setup_logging()
+  if _CONFIG.value is None:
+    raise app.UsageError("--config=configs/<name>.py is required")
+  run(_CONFIG.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

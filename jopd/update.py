@@ -1,0 +1,102 @@
+"""The jitted update shared by OPD and SFT: loss -> (micro-batched) gradients -> optax update, guarded so a
+non-finite loss or gradient norm leaves params and optimizer state bit-identical.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+F32 = jnp.float32
+
+# loss_fn(trainable, frozen, micro_batch, totals) -> (loss, metrics); `totals` holds whole-batch counts
+# ('tokens', 'examples') so micro-batch losses can be normalised as the unsplit batch would be.
+LossFn = Callable[[Any, Any, dict, dict], tuple[jax.Array, dict]]
+
+
+def make_optimizer(c, total_steps: int) -> optax.GradientTransformation:
+  """Adam(b1, b2, eps) with a constant / linear / cosine schedule after `warmup_steps`, optional clipping."""
+  lr, warmup = float(c.learning_rate), int(c.warmup_steps)
+  decay_steps = max(1, int(total_steps) - warmup)
+  if c.lr_schedule == "constant":
+    after = optax.constant_schedule(lr)
+  elif c.lr_schedule == "linear":
+    after = optax.linear_schedule(lr, 0.0, decay_steps)
+  elif c.lr_schedule == "cosine":
+    after = optax.cosine_decay_schedule(lr, decay_steps)
+  else:
+    raise ValueError(f"--config.lr_schedule={c.lr_schedule!r}; expected 'constant', 'linear' or 'cosine'")
+  schedule = optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup]) if warmup else after
+  parts = [optax.clip_by_global_norm(float(c.max_grad_norm))] if c.max_grad_norm else []
+  parts.append(optax.adam(schedule, b1=float(c.adam_b1), b2=float(c.adam_b2), eps=float(c.adam_eps)))
+  return optax.chain(*parts)
+
+
+def _split_micro(batch: dict, num_micro: int) -> dict:
+  def split(x):
+    if x.shape[0] % num_micro:
+      raise ValueError(f"batch of {x.shape[0]} rows does not split into {num_micro} micro-batches")
+    return x.reshape(num_micro, x.shape[0] // num_micro, *x.shape[1:])
+  return jax.tree.map(split, batch)
+
+
+def _sum_metrics(a: dict, b: dict) -> dict:
+  return jax.tree.map(jnp.add, a, b)
+
+
+@functools.partial(jax.jit, static_argnames=("loss_fn", "optimizer", "num_micro"),
+                   donate_argnames=("trainable", "opt_state"))
+def train_step(trainable, opt_state, frozen, batch: dict, *, loss_fn: LossFn,
+               optimizer: optax.GradientTransformation, num_micro: int = 1):
+  """One optimizer update over `batch` (arrays with a leading row axis; 'loss_mask' [B, T] counts tokens).
+
+  Returns (trainable, opt_state, metrics). Metrics: the loss_fn's (averaged over micro-batches, except counts
+  named '*tokens*', which are summed), `loss`, `grad_norm`, `skipped_nonfinite` (1.0 when the update was not
+  applied because the loss or gradient norm was not finite)."""
+  totals = {"tokens": jnp.sum(batch["loss_mask"].astype(F32)),
+            "examples": jnp.sum(jnp.any(batch["loss_mask"], axis=-1)).astype(F32)}
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if num_micro == 1:
+    (loss, metrics), grads = grad_fn(trainable, frozen, batch, totals)
+  else:
+    micro = _split_micro(batch, num_micro)
+    first = jax.tree.map(lambda x: x[0], micro)
+    (loss, metrics), grads = grad_fn(trainable, frozen, first, totals)
+
+    def accumulate(carry, mb):
+      (l, m), g = grad_fn(trainable, frozen, mb, totals)
+      return jax.tree.map(jnp.add, carry, (l, m, g)), None
+
+    rest = jax.tree.map(lambda x: x[1:], micro)
+    (loss, metrics, grads), _ = jax.lax.scan(accumulate, (loss, metrics, grads), rest)
+    metrics = {k: v if "tokens" in k else v / num_micro for k, v in metrics.items()}
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  updates, new_opt_state = optimizer.update(grads, opt_state, trainable)
+  new_trainable = optax.apply_updates(trainable, updates)
+  keep = lambda new, old: jnp.where(finite, new, old)
+  new_trainable = jax.tree.map(keep, new_trainable, trainable)
+  new_opt_state = jax.tree.map(keep, new_opt_state, opt_state)
+  metrics = dict(metrics, loss=loss, grad_norm=grad_norm, skipped_nonfinite=(~finite).astype(F32))
+  return new_trainable, new_opt_state, metrics
+
+
+def model_args(trainable, frozen, lora_enabled: bool):
+  """(params, adapters) for the model: LoRA trains adapters beside frozen params; full fine-tuning trains params."""
+  return (frozen, trainable) if lora_enabled else (trainable, None)
+
+
+def put_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+  """Host arrays (this process's rows) -> global arrays with rows sharded on ('data', 'fsdp')."""
+  if mesh is None:
+    return {k: jnp.asarray(v) for k, v in batch.items()}
+  out = {}
+  for k, v in batch.items():
+    spec = P(("data", "fsdp"), *([None] * (v.ndim - 1)))
+    out[k] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), v)
+  return out
