@@ -150,10 +150,8 @@ def export(checkpoint_dir: str, out: str, fmt: str, *, step: int | None = None, 
   base = base_model or meta.get("model_name")
   if not base:
     raise ValueError(f"{checkpoint_dir}: checkpoint meta has no 'model_name'; pass --base_model")
-  if meta.get("load_checkpoint_path") and not base_model:
-    raise ValueError(f"{checkpoint_dir}: this run started from load_checkpoint_path="
-                     f"{meta['load_checkpoint_path']!r}, so its weights are relative to that checkpoint, not to "
-                     f"{base!r}; export that checkpoint with --format=merged and pass it as --base_model")
+  # load_checkpoint_path only sets the trainable weights' initial values (jopd.runtime.init_trainable): the
+  # saved adapters are always relative to model_name.
   base_dir = resolve_model_dir(base)
   if fmt == "peft":
     save_peft(out, qwen3.Qwen3Config.from_hf(base_dir), lora_cfg, trainable, base)
