@@ -155,30 +155,66 @@ def _constrain(x, sharding):
   return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 
 
-def _cache_shardings(cfg, mesh):
-  """K/V [L, B, S, KV, Dh]: batch on ('data','fsdp'), KV heads on 'tensor' when it divides them."""
+def _cache_shardings(cfg, mesh, unrolled: bool):
+  """K/V [L, B, S, KV, Dh] (or L arrays [B, S, KV, Dh] when unrolled): batch on ('data','fsdp'), KV heads on
+  'tensor' when it divides them."""
   if mesh is None:
     return None
   batch = scoring.batch_sharding(mesh)[0].spec[0]
   tensor = mesh.shape.get("tensor", 1)
   heads = "tensor" if tensor > 1 and cfg.num_kv_heads % tensor == 0 else None
-  kv = NamedSharding(mesh, P(None, batch, None, heads, None))
   rows = NamedSharding(mesh, P(batch))
+  if unrolled:
+    kv = (NamedSharding(mesh, P(batch, None, heads, None)),) * cfg.num_layers
+  else:
+    kv = NamedSharding(mesh, P(None, batch, None, heads, None))
   return {"k": kv, "v": kv, "valid": rows, "index": NamedSharding(mesh, P()), "position": rows}
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "cache_len", "max_len", "mesh"))
+def _unstack(tree, n: int) -> list:
+  """Per-layer slices of stacked [L, ...] leaves. Taken once per program run, outside the token loop: XLA:CPU
+  copies a weight slice that feeds a dot, so slicing inside the loop re-copies every weight every token."""
+  if tree is None:
+    return [None] * n
+  return [jax.tree.map(lambda x, i=i: x[i], tree) for i in range(n)]
+
+
+def _decode_step_unrolled(cfg, params, layers, layer_adapters, adapters, lora_scale, tokens_b, cache):
+  """`qwen3.decode_step` with a Python loop over per-layer weights and per-layer K/V buffers (the CPU path)."""
+  index, positions_bt = cache["index"], cache["position"][:, None]
+  valid_bs = jax.lax.dynamic_update_slice(cache["valid"], jnp.ones((tokens_b.shape[0], 1), bool), (0, index))
+  x = params["embed"][tokens_b[:, None]]
+  ks, vs = [], []
+  for lp, la, k_bskd, v_bskd in zip(layers, layer_adapters, cache["k"], cache["v"]):
+    q, k, v = qwen3._qkv(cfg, x, positions_bt, lp, la, lora_scale)
+    k_bskd = jax.lax.dynamic_update_slice(k_bskd, k.astype(k_bskd.dtype), (0, index, 0, 0))
+    v_bskd = jax.lax.dynamic_update_slice(v_bskd, v.astype(v_bskd.dtype), (0, index, 0, 0))
+    att = qwen3.attention(q, k_bskd.astype(q.dtype), v_bskd.astype(q.dtype), valid_bs[:, None, :])
+    x = qwen3._mlp(cfg, x + qwen3.project("o", att, lp, la, lora_scale), lp, la, lora_scale)
+    ks.append(k_bskd)
+    vs.append(v_bskd)
+  h = qwen3.rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+  logits_bv = qwen3.logits_from_hidden(params, h, adapters=adapters, lora_scale=lora_scale)[:, 0]
+  return logits_bv, {"k": tuple(ks), "v": tuple(vs), "valid": valid_bs, "index": index + 1,
+                     "position": cache["position"] + 1}
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "cache_len", "max_len", "mesh", "unrolled"))
 def _prefill(cfg, params, adapters, lora_scale, tokens_bt, mask_bt, live_b, rng, sp, stop_ids, max_new, *,
-             cache_len, max_len, mesh):
-  cache_sh = _cache_shardings(cfg, mesh)
-  rows_sh = None if mesh is None else cache_sh["valid"]
+             cache_len, max_len, mesh, unrolled):
+  rows_sh = None if mesh is None else _cache_shardings(cfg, mesh, False)["valid"]
   tokens_bt, mask_bt = _constrain(tokens_bt, rows_sh), _constrain(mask_bt, rows_sh)
   b = tokens_bt.shape[0]
   cache = qwen3.init_cache(cfg, b, cache_len, dtype=params["embed"].dtype)
-  if cache_sh is not None:
-    cache = jax.tree.map(_constrain, cache, cache_sh)
+  if mesh is not None:
+    cache = jax.tree.map(_constrain, cache, _cache_shardings(cfg, mesh, False))
   logits_bv, cache = qwen3.prefill(cfg, params, tokens_bt, mask_bt, cache, adapters=adapters,
                                    lora_scale=lora_scale)
+  if unrolled:  # one copy into per-layer buffers, so decode updates and reads them in place
+    n = cfg.num_layers
+    cache = dict(cache, k=tuple(_unstack(cache["k"], n)), v=tuple(_unstack(cache["v"], n)))
+    if mesh is not None:
+      cache = jax.tree.map(_constrain, cache, _cache_shardings(cfg, mesh, True))
   state = LoopState(
       step=jnp.zeros((), jnp.int32), last_b=jnp.zeros((b,), jnp.int32), done_b=~live_b,
       stopped_b=jnp.zeros((b,), bool), length_b=jnp.zeros((b,), jnp.int32),
@@ -187,16 +223,21 @@ def _prefill(cfg, params, adapters, lora_scale, tokens_bt, mask_bt, live_b, rng,
   return _emit(state, logits_bv, stop_ids, max_new, sp)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "mesh"), donate_argnames=("state",))
-def _decode(cfg, params, adapters, lora_scale, state: LoopState, sp, stop_ids, max_new, *, mesh):
-  cache_sh = _cache_shardings(cfg, mesh)
+@functools.partial(jax.jit, static_argnames=("cfg", "mesh", "unrolled"), donate_argnames=("state",))
+def _decode(cfg, params, adapters, lora_scale, state: LoopState, sp, stop_ids, max_new, *, mesh, unrolled):
+  cache_sh = _cache_shardings(cfg, mesh, unrolled)
+  if unrolled:
+    layers = _unstack(params["layers"], cfg.num_layers)
+    layer_adapters = _unstack(None if adapters is None else adapters.get("layers"), cfg.num_layers)
+    step = functools.partial(_decode_step_unrolled, cfg, params, layers, layer_adapters, adapters, lora_scale)
+  else:
+    step = functools.partial(qwen3.decode_step, cfg, params, adapters=adapters, lora_scale=lora_scale)
 
   def cond(s: LoopState):
     return (s.step < max_new) & ~jnp.all(s.done_b)
 
   def body(s: LoopState):
-    logits_bv, cache = qwen3.decode_step(cfg, params, s.last_b, s.cache, adapters=adapters,
-                                         lora_scale=lora_scale)
+    logits_bv, cache = step(s.last_b, s.cache)
     if cache_sh is not None:
       cache = jax.tree.map(_constrain, cache, cache_sh)
     return _emit(s._replace(cache=cache), logits_bv, stop_ids, max_new, sp)
@@ -213,26 +254,18 @@ def compile_count() -> int:
 # --------------------------------------------------------------------------------------------------------------
 # Host entry point.
 
-def _place(tree, mesh):
-  """Replicates arrays on `mesh` unless they already live there (then their sharding is kept)."""
-  if mesh is None or tree is None:
-    return tree
-  def put(x):
-    sh = getattr(x, "sharding", None)
-    if isinstance(sh, NamedSharding) and sh.mesh == mesh:
-      return x
-    return jax.device_put(x, NamedSharding(mesh, P()))
-  return jax.tree.map(put, tree)
-
-
 def sample(cfg: qwen3.Qwen3Config, params, prompts: Sequence[Sequence[int]], *, adapters=None,
            lora_scale: float = 1.0, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
            top_p: float = 1.0, stop_token_ids: Sequence[int] = (), rng: jax.Array,
-           mesh: Mesh | None = None) -> SampleResult:
+           mesh: Mesh | None = None, layer_loop: str = "auto") -> SampleResult:
   """Samples up to `max_new_tokens` tokens after each prompt (token-id lists of any lengths); a row ends at its
   first stop token (kept in the completion). Adapters are applied unmerged. With `mesh`, rows are sharded on
-  ('data', 'fsdp') and the KV cache's heads on 'tensor'; params keep their sharding if they already live on
-  `mesh`, else they are replicated on it."""
+  ('data', 'fsdp') and the KV cache's heads on 'tensor'; params that do not already live on `mesh` are placed
+  by jopd.mesh's partition rules.
+
+  `layer_loop`: 'scan' runs `qwen3.decode_step` (a scan over stacked layers); 'unrolled' slices the layers once
+  per call and loops over them in Python (per-layer K/V buffers), which XLA:CPU runs several times faster
+  because it copies scanned weight slices every token; 'auto' picks 'unrolled' on CPU, else 'scan'."""
   if not prompts:
     raise ValueError("sample: prompts is empty; expected at least one token-id list")
   if max_new_tokens < 1:
@@ -247,8 +280,14 @@ def sample(cfg: qwen3.Qwen3Config, params, prompts: Sequence[Sequence[int]], *, 
   stop = np.asarray(list(stop_token_ids), np.int32)
   buckets.check_token_ids([stop], cfg.vocab_size, "stop_token_ids")
 
+  if layer_loop not in ("auto", "scan", "unrolled"):
+    raise ValueError(f"sample: layer_loop={layer_loop!r}; expected 'auto', 'scan' or 'unrolled'")
+  platform = (mesh.devices.flat[0] if mesh is not None else next(iter(params["embed"].devices()))).platform
+  unrolled = layer_loop == "unrolled" or (layer_loop == "auto" and platform == "cpu")
+  # XLA:CPU runs a bf16 [1, D] x [D, F] dot as a naive matvec, ~8x slower than [2, D] x [D, F].
+  min_rows = 2 if platform == "cpu" and params["embed"].dtype == jnp.bfloat16 else 1
   shards = scoring.batch_sharding(mesh)[1]
-  batch = buckets.batch_bucket(len(prompts), shards)
+  batch = buckets.batch_bucket(max(len(prompts), min_rows), shards)
   prompt_len = buckets.length_bucket(max(len(p) for p in prompts))
   max_len = buckets.length_bucket(max_new_tokens)
   tokens_bt, mask_bt = buckets.pad_rows(prompts, batch, prompt_len, left=True)
@@ -258,12 +297,12 @@ def sample(cfg: qwen3.Qwen3Config, params, prompts: Sequence[Sequence[int]], *, 
   stop_ids[:len(stop)] = stop
   sp = SamplingParams(np.float32(temperature), np.int32(top_k), np.float32(top_p))
   max_new = np.int32(max_new_tokens)
-  params, adapters, rng = _place(params, mesh), _place(adapters, mesh), _place(rng, mesh)
+  params, adapters, rng = (scoring.place(x, mesh) for x in (params, adapters, rng))
   scale = np.float32(lora_scale)
 
   state = _prefill(cfg, params, adapters, scale, tokens_bt, mask_bt, live_b, rng, sp, stop_ids, max_new,
-                   cache_len=prompt_len + max_len, max_len=max_len, mesh=mesh)
-  final = _decode(cfg, params, adapters, scale, state, sp, stop_ids, max_new, mesh=mesh)
+                   cache_len=prompt_len + max_len, max_len=max_len, mesh=mesh, unrolled=unrolled)
+  final = _decode(cfg, params, adapters, scale, state, sp, stop_ids, max_new, mesh=mesh, unrolled=unrolled)
   tokens_bn, logprobs_bn, length_b, stopped_b = jax.device_get(
       (final.tokens_bn, final.logprobs_bn, final.length_b, final.stopped_b))
   n = len(prompts)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jopd import buckets
+from jopd import buckets, mesh as mesh_lib
 from models import qwen3
 
 F32 = jnp.float32
@@ -99,8 +99,19 @@ def batch_sharding(mesh: Mesh | None) -> tuple[NamedSharding | None, int]:
   """Batch on ('data', 'fsdp') (axes the mesh lacks are left out), and how many batch shards that makes."""
   if mesh is None:
     return None, 1
-  axes = tuple(a for a in ("data", "fsdp") if a in mesh.shape)
+  axes = tuple(a for a in mesh_lib.BATCH if a in mesh.shape)
   return NamedSharding(mesh, P(axes or None)), math.prod(mesh.shape[a] for a in axes)
+
+
+def place(tree, mesh: Mesh | None):
+  """Puts a params/adapters pytree on `mesh` by jopd.mesh's partition rules, unless it already lives there."""
+  leaves = jax.tree.leaves(tree)
+  if mesh is None or all(isinstance(getattr(x, "sharding", None), NamedSharding) and x.sharding.mesh == mesh
+                         for x in leaves):
+    return tree
+  if not isinstance(tree, dict):  # a bare array (the rng key): replicated
+    return jax.device_put(tree, NamedSharding(mesh, P()))
+  return jax.device_put(tree, mesh_lib.shardings_for(tree, mesh))
 
 
 def token_logprobs(cfg: qwen3.Qwen3Config, params, contexts: Sequence[Sequence[int]],
@@ -123,6 +134,7 @@ def token_logprobs(cfg: qwen3.Qwen3Config, params, contexts: Sequence[Sequence[i
       raise ValueError(f"token_logprobs: contexts[{i}] is empty; the first continuation token needs at least "
                        "one context token (e.g. BOS) to condition on")
   sharding, shards = batch_sharding(mesh)
+  params, adapters = place(params, mesh), place(adapters, mesh)
   rows = [list(c) + list(x) for c, x in zip(contexts, continuations)]
   order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
   group = batch_size or max(1, len(rows))
