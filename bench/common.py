@@ -84,8 +84,9 @@ def compile_times():
 
 def emit(bench: str, ratio: float | None, target: float | None, unit: str, **raw) -> None:
   """One JSON line per result, comparable across runs: bench, ratio, target, unit, then the raw numbers."""
-  row = {"bench": bench, "ratio": None if ratio is None else round(ratio, 3), "target": target, "unit": unit}
-  row.update({k: round(v, 4) if isinstance(v, float) else v for k, v in raw.items()})
+  row = {"bench": bench, "ratio": None if ratio is None else float(f"{ratio:.4g}"), "target": target,
+         "unit": unit}
+  row.update({k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in raw.items()})
   print(json.dumps(row), flush=True)
 
 

@@ -156,7 +156,7 @@ def _constrain(x, sharding):
 
 
 def _cache_shardings(cfg, mesh, unrolled: bool):
-  """K/V [L, B, S, KV, Dh] (or L arrays [B, S, KV, Dh] when unrolled): batch on ('data','fsdp'), KV heads on
+  """K/V [L, B, S, KV, Dh] (or L arrays [B, KV, S, Dh] when unrolled): batch on ('data','fsdp'), KV heads on
   'tensor' when it divides them."""
   if mesh is None:
     return None
@@ -165,7 +165,7 @@ def _cache_shardings(cfg, mesh, unrolled: bool):
   heads = "tensor" if tensor > 1 and cfg.num_kv_heads % tensor == 0 else None
   rows = NamedSharding(mesh, P(batch))
   if unrolled:
-    kv = (NamedSharding(mesh, P(batch, None, heads, None)),) * cfg.num_layers
+    kv = (NamedSharding(mesh, P(batch, heads, None, None)),) * cfg.num_layers
   else:
     kv = NamedSharding(mesh, P(None, batch, None, heads, None))
   return {"k": kv, "v": kv, "valid": rows, "index": NamedSharding(mesh, P()), "position": rows}
@@ -179,20 +179,35 @@ def _unstack(tree, n: int) -> list:
   return [jax.tree.map(lambda x, i=i: x[i], tree) for i in range(n)]
 
 
+def _attend_one(q_b1hd, k_bksd, v_bksd, valid_bs):
+  """`qwen3.attention` for one query per row over a [B, KV, S, Dh] cache: query heads grouped per KV head (K/V
+  never repeated), and a layout both dots read in place (the [B, S, KV, Dh] layout made XLA:CPU transpose the
+  whole cache every token). Softmax in fp32."""
+  b, _, h, dh = q_b1hd.shape
+  kv = k_bksd.shape[1]
+  q_bkgd = q_b1hd.reshape(b, kv, h // kv, dh)
+  scores_bkgs = jnp.einsum("bkgd,bksd->bkgs", q_bkgd, k_bksd, preferred_element_type=F32) * dh**-0.5
+  scores_bkgs = jnp.where(valid_bs[:, None, None, :], scores_bkgs, jnp.finfo(F32).min)
+  probs_bkgs = jax.nn.softmax(scores_bkgs, axis=-1).astype(v_bksd.dtype)
+  out_bkgd = jnp.einsum("bkgs,bksd->bkgd", probs_bkgs, v_bksd, preferred_element_type=F32)
+  return out_bkgd.astype(q_b1hd.dtype).reshape(b, 1, h, dh)
+
+
 def _decode_step_unrolled(cfg, params, layers, layer_adapters, adapters, lora_scale, tokens_b, cache):
-  """`qwen3.decode_step` with a Python loop over per-layer weights and per-layer K/V buffers (the CPU path)."""
+  """`qwen3.decode_step` with a Python loop over per-layer weights and per-layer [B, KV, S, Dh] K/V buffers
+  (the CPU path)."""
   index, positions_bt = cache["index"], cache["position"][:, None]
   valid_bs = jax.lax.dynamic_update_slice(cache["valid"], jnp.ones((tokens_b.shape[0], 1), bool), (0, index))
   x = params["embed"][tokens_b[:, None]]
   ks, vs = [], []
-  for lp, la, k_bskd, v_bskd in zip(layers, layer_adapters, cache["k"], cache["v"]):
+  for lp, la, k_bksd, v_bksd in zip(layers, layer_adapters, cache["k"], cache["v"]):
     q, k, v = qwen3._qkv(cfg, x, positions_bt, lp, la, lora_scale)
-    k_bskd = jax.lax.dynamic_update_slice(k_bskd, k.astype(k_bskd.dtype), (0, index, 0, 0))
-    v_bskd = jax.lax.dynamic_update_slice(v_bskd, v.astype(v_bskd.dtype), (0, index, 0, 0))
-    att = qwen3.attention(q, k_bskd.astype(q.dtype), v_bskd.astype(q.dtype), valid_bs[:, None, :])
+    k_bksd = jax.lax.dynamic_update_slice(k_bksd, k.swapaxes(1, 2).astype(k_bksd.dtype), (0, 0, index, 0))
+    v_bksd = jax.lax.dynamic_update_slice(v_bksd, v.swapaxes(1, 2).astype(v_bksd.dtype), (0, 0, index, 0))
+    att = _attend_one(q, k_bksd.astype(q.dtype), v_bksd.astype(q.dtype), valid_bs)
     x = qwen3._mlp(cfg, x + qwen3.project("o", att, lp, la, lora_scale), lp, la, lora_scale)
-    ks.append(k_bskd)
-    vs.append(v_bskd)
+    ks.append(k_bksd)
+    vs.append(v_bksd)
   h = qwen3.rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
   logits_bv = qwen3.logits_from_hidden(params, h, adapters=adapters, lora_scale=lora_scale)[:, 0]
   return logits_bv, {"k": tuple(ks), "v": tuple(vs), "valid": valid_bs, "index": index + 1,
@@ -210,9 +225,9 @@ def _prefill(cfg, params, adapters, lora_scale, tokens_bt, mask_bt, live_b, rng,
     cache = jax.tree.map(_constrain, cache, _cache_shardings(cfg, mesh, False))
   logits_bv, cache = qwen3.prefill(cfg, params, tokens_bt, mask_bt, cache, adapters=adapters,
                                    lora_scale=lora_scale)
-  if unrolled:  # one copy into per-layer buffers, so decode updates and reads them in place
-    n = cfg.num_layers
-    cache = dict(cache, k=tuple(_unstack(cache["k"], n)), v=tuple(_unstack(cache["v"], n)))
+  if unrolled:  # one copy into per-layer [B, KV, S, Dh] buffers, which decode updates and reads in place
+    per_layer = lambda kv: tuple(x.swapaxes(1, 2) for x in _unstack(kv, cfg.num_layers))
+    cache = dict(cache, k=per_layer(cache["k"]), v=per_layer(cache["v"]))
     if mesh is not None:
       cache = jax.tree.map(_constrain, cache, _cache_shardings(cfg, mesh, True))
   state = LoopState(

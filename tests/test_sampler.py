@@ -198,7 +198,7 @@ def test_mesh_2_1_4_matches_one_device(hf_pair):
   mesh = jax.make_mesh((2, 1, 4), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
   prompts = [[1, 2, 3], [4, 5, 6, 7, 8], [9], [10, 11]]
   # Rows on ('data','fsdp'), the cache's KV heads (4) on 'tensor' (4): the layout really is distributed.
-  assert sampler._cache_shardings(cfg, mesh, True)["k"][0].spec == P(("data", "fsdp"), None, "tensor", None)
+  assert sampler._cache_shardings(cfg, mesh, True)["k"][0].spec == P(("data", "fsdp"), "tensor", None, None)
   assert sampler._cache_shardings(cfg, mesh, False)["k"].spec == P(None, ("data", "fsdp"), None, "tensor", None)
   for temperature in (0.0, 1.0):
     kw = dict(max_new_tokens=28, temperature=temperature, stop_token_ids=[3], rng=jax.random.key(4))
