@@ -126,13 +126,19 @@ def read_jsonl(path: str) -> Iterator[tuple[str, Any]]:
   Our own reader rather than `datasets`: one bad line (bad JSON, bad UTF-8) is one counted skip with its line
   number, where `datasets` would reject the whole file.
   """
-  with fsspec.open(path, "rb") as f:
+  try:
+    opened = fsspec.open(path, "rb").open()
+  except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
+    raise type(e)(f"{path}: cannot read it ({e.strerror or e}); expected a readable JSONL file of the row contract "
+                  "(one JSON object with 'messages' per line)") from e
+  with opened as f:
     for line_number, raw in enumerate(f, start=1):
       where = f"{path}:{line_number}"
       if not raw.strip():
         continue
       try:
-        text = raw.decode("utf-8")
+        # Editors on Windows start UTF-8 files with a byte-order mark; it is not part of the first row.
+        text = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
       except UnicodeDecodeError as e:
         yield where, RowError(rows_lib.BAD_ENCODING, "<line>", f"not UTF-8 ({e.reason} at byte {e.start})")
         continue

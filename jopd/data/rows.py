@@ -17,7 +17,7 @@ CONTRACT_KEYS = ("messages", "expected_answer", "extra_info")
 
 # Machine reasons, used as metric names `data/skipped/<reason>`.
 BAD_JSON = "bad_json"                # a line that is not JSON
-BAD_ENCODING = "bad_encoding"        # a line that is not UTF-8
+BAD_ENCODING = "bad_encoding"        # a line that is not UTF-8, or text with a lone surrogate
 BAD_TYPE = "bad_type"                # a field of the wrong type (row not an object, content not a string, ...)
 MISSING_MESSAGES = "missing_messages"
 MISSING_FIELD = "missing_field"      # a builder's source column is absent (e.g. deepmath `question`)
@@ -93,6 +93,12 @@ def _check_messages(value: Any, field: str, keep_assistant: bool) -> list[dict[s
       raise RowError(BAD_TYPE, f"{where}.content", f"expected a string, got {type(content).__name__}")
     if not content.strip():
       raise RowError(EMPTY_CONTENT, f"{where}.content", "content is empty; expected a non-empty string")
+    try:
+      content.encode("utf-8")
+    except UnicodeEncodeError as e:  # JSON allows "\ud800"; no tokenizer can encode a lone surrogate
+      raise RowError(BAD_ENCODING, f"{where}.content", f"character {e.object[e.start]!r} at offset {e.start} is a "
+                     "lone UTF-16 surrogate; expected valid Unicode text (a \\uD8xx escape needs its \\uDCxx "
+                     "pair)") from None
     messages.append({"role": role, "content": content})
   if not keep_assistant:
     while messages and messages[-1]["role"] == "assistant":
