@@ -72,7 +72,13 @@ class Qwen3Config:
       if not os.path.exists(where):
         raise FileNotFoundError(f"{where}: no config.json (expected a transformers checkpoint directory)")
       with open(where) as f:
-        raw = json.load(f)
+        try:
+          raw = json.load(f)
+        except json.JSONDecodeError as e:
+          raise UnsupportedConfigError(
+              f"{where}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+      if not isinstance(raw, dict):
+        raise UnsupportedConfigError(f"{where}: expected a JSON object, got {type(raw).__name__}")
     return cls._from_dict(raw, where)
 
   @classmethod
