@@ -209,7 +209,7 @@ def _decode_step_unrolled(cfg, params, layers, layer_adapters, adapters, lora_sc
     ks.append(k_bksd)
     vs.append(v_bksd)
   h = qwen3.rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
-  logits_bv = qwen3.logits_from_hidden(params, h, adapters=adapters, lora_scale=lora_scale)[:, 0]
+  logits_bv = scoring.logits(params, h, adapters=adapters, lora_scale=lora_scale)[:, 0]
   return logits_bv, {"k": tuple(ks), "v": tuple(vs), "valid": valid_bs, "index": index + 1,
                      "position": cache["position"] + 1}
 
@@ -279,8 +279,9 @@ def sample(cfg: qwen3.Qwen3Config, params, prompts: Sequence[Sequence[int]], *, 
   by jopd.mesh's partition rules.
 
   `layer_loop`: 'scan' runs `qwen3.decode_step` (a scan over stacked layers); 'unrolled' slices the layers once
-  per call and loops over them in Python (per-layer K/V buffers), which XLA:CPU runs several times faster
-  because it copies scanned weight slices every token; 'auto' picks 'unrolled' on CPU, else 'scan'."""
+  per call (a second copy of the layer weights while decoding) and loops over them in Python with per-layer
+  [B, KV, S, Dh] K/V buffers, which XLA:CPU runs several times faster because it copies a scanned weight slice
+  that feeds a dot every token; 'auto' picks 'unrolled' on CPU, else 'scan'."""
   if not prompts:
     raise ValueError("sample: prompts is empty; expected at least one token-id list")
   if max_new_tokens < 1:
@@ -297,10 +298,14 @@ def sample(cfg: qwen3.Qwen3Config, params, prompts: Sequence[Sequence[int]], *, 
 
   if layer_loop not in ("auto", "scan", "unrolled"):
     raise ValueError(f"sample: layer_loop={layer_loop!r}; expected 'auto', 'scan' or 'unrolled'")
-  platform = (mesh.devices.flat[0] if mesh is not None else next(iter(params["embed"].devices()))).platform
+  embed = params["embed"]
+  if mesh is not None:
+    platform = mesh.devices.flat[0].platform
+  else:
+    platform = next(iter(embed.devices())).platform if hasattr(embed, "devices") else jax.default_backend()
   unrolled = layer_loop == "unrolled" or (layer_loop == "auto" and platform == "cpu")
   # XLA:CPU runs a bf16 [1, D] x [D, F] dot as a naive matvec, ~8x slower than [2, D] x [D, F].
-  min_rows = 2 if platform == "cpu" and params["embed"].dtype == jnp.bfloat16 else 1
+  min_rows = 2 if platform == "cpu" and embed.dtype == jnp.bfloat16 else 1
   shards = scoring.batch_sharding(mesh)[1]
   batch = buckets.batch_bucket(max(len(prompts), min_rows), shards)
   prompt_len = buckets.length_bucket(max(len(p) for p in prompts))

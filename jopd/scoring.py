@@ -32,9 +32,21 @@ def tempered(logits, temperature):
   return logits / jnp.where(t > 0, t, 1.0)
 
 
+def logits(params, h_btd, *, adapters=None, lora_scale=1.0):
+  """`qwen3.logits_from_hidden` (fp32), but a tied head contracts the [V, D] embedding directly: through
+  `embed.T`, XLA:CPU copied the whole transposed embedding on every call (every decoded token)."""
+  if "lm_head" in params:
+    return qwen3.logits_from_hidden(params, h_btd, adapters=adapters, lora_scale=lora_scale)
+  out_btv = jnp.einsum("btd,vd->btv", h_btd, params["embed"], preferred_element_type=F32)
+  adapter = None if adapters is None else adapters.get("lm_head")
+  if adapter is not None:
+    low_btr = jnp.einsum("btd,dr->btr", h_btd, adapter["a"], preferred_element_type=F32).astype(h_btd.dtype)
+    out_btv = out_btv + jnp.einsum("btr,rv->btv", low_btr, adapter["b"], preferred_element_type=F32) * lora_scale
+  return out_btv
+
+
 def _chunk_stats(params, adapters, lora_scale, temperature, h_bcd, targets_bc):
-  logits_bcv = tempered(qwen3.logits_from_hidden(params, h_bcd, adapters=adapters, lora_scale=lora_scale),
-                        temperature)
+  logits_bcv = tempered(logits(params, h_bcd, adapters=adapters, lora_scale=lora_scale), temperature)
   lse_bc = jax.nn.logsumexp(logits_bcv, axis=-1)
   target_bc = jnp.take_along_axis(logits_bcv, targets_bc[..., None], axis=-1)[..., 0]
   # Entropy = lse - E_p[logit]; p is recomputed from the same block, so it costs one extra reduction.
