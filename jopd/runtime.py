@@ -8,6 +8,7 @@ import datetime
 import json
 import logging
 import os
+import sys
 from typing import Any
 
 import jax
@@ -16,6 +17,7 @@ import numpy as np
 import transformers
 
 from jopd import checkpoint as ckpt_lib
+from jopd import distributed
 from jopd import mesh as mesh_lib
 from models import hf, lora, qwen3
 
@@ -29,17 +31,95 @@ def setup_logging() -> None:
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every manager detail at INFO
 
 
+# Exit status of a process whose run failed because another process of the same run died or became unreachable;
+# restarting all processes resumes from the last checkpoint.
+PEER_LOST_EXIT_CODE = 43
+_PEER_LOST_MARKERS = ("Gloo", "Connection closed by peer", "heartbeat", "CoordinationService", "Barrier failed",
+                      "Socket closed")
+
+
+def run_main(run_fn, c) -> None:
+  """Calls `run_fn(c)`. In a multi-process run a failure ends this process at once, with a clear error: a normal
+  exit would first wait for the other processes (orbax's background commit, jax.distributed's shutdown barrier),
+  which blocks for minutes when one of them died. A lost peer surfaces within seconds as a failed collective
+  (its sockets close), or at worst after jax.distributed's heartbeat timeout (100 s by default)."""
+  try:
+    run_fn(c)
+  except BaseException as e:  # SystemExit too: its status is kept, the wait for peers is skipped
+    if not jax.distributed.is_initialized():  # single process (never touch the backend before run_fn does)
+      raise
+    _abort(e)
+
+
+def _abort(error: BaseException):
+  if isinstance(error, SystemExit):
+    code = error.code if isinstance(error.code, int) else 1
+  elif any(m in str(error) for m in _PEER_LOST_MARKERS):
+    code = PEER_LOST_EXIT_CODE
+    log.error("process %d of %d: lost contact with another process of this run (%s: %s). It probably died or was "
+              "killed; see its log. Exiting with status %d without waiting for it; restart all processes to "
+              "resume from the last checkpoint.", jax.process_index(), jax.process_count(), type(error).__name__,
+              str(error).splitlines()[0][:300], code)
+  else:
+    from jopd import cli  # the exit statuses of a single-process run (docs/errors.md)
+    code = (cli.NONFINITE_EXIT_CODE if isinstance(error, FloatingPointError) else
+            cli.USAGE_EXIT_CODE if cli.is_refusal(error) else 1)
+    log.error("process %d of %d failed; exiting with status %d without waiting for the other processes",
+              jax.process_index(), jax.process_count(), code, exc_info=error)
+  logging.shutdown()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)
+
+
 def setup_run(c, name: str) -> str:
   """Creates log_path and turns on the persistent compilation cache; returns log_path (metrics.MetricsWriter
   writes config.json)."""
   if not c.log_path:
-    c.log_path = os.path.join("runs", f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    # All processes must write to one directory: process 0's clock names it.
+    default = os.path.join("runs", f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    c.log_path = distributed.allgather_json(default)[0]
   if not c.log_path.startswith("gs://"):
     os.makedirs(c.log_path, exist_ok=True)
   cache_dir = c.compilation_cache_dir or os.path.join(c.log_path, "xla_cache")
   jax.config.update("jax_compilation_cache_dir", cache_dir)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:  # tests set 0 to cache every program
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  _CompileStats.install()
+  log.info("persistent compilation cache: %s (written by process 0)", cache_dir)
   return c.log_path
+
+
+class _CompileStats:
+  """Counts persistent compilation cache lookups (jax.monitoring events) of this process, so a restarted run
+  can show that it loaded its programs instead of compiling them."""
+  hits = misses = 0
+  _installed = False
+
+  @classmethod
+  def install(cls):
+    if not cls._installed:
+      jax.monitoring.register_event_listener(cls._on_event)
+      cls._installed = True
+
+  @classmethod
+  def _on_event(cls, event: str, **_):
+    if event == "/jax/compilation_cache/cache_hits":
+      cls.hits += 1
+    elif event == "/jax/compilation_cache/cache_misses":
+      cls.misses += 1
+
+
+def compile_stats() -> dict[str, int]:
+  """`compile/cache_hits` (programs loaded from the persistent cache) and `compile/cache_misses` (programs
+  compiled) of this process since it started; after a restart misses stay 0 unless a new shape appears (programs
+  faster to compile than jax_persistent_cache_min_compile_time_secs are never cached)."""
+  return {"compile/cache_hits": _CompileStats.hits, "compile/cache_misses": _CompileStats.misses}
+
+
+def log_compile_stats(when: str) -> None:
+  log.info("compilation cache after %s: %d programs loaded from %s, %d compiled", when, _CompileStats.hits,
+           jax.config.jax_compilation_cache_dir, _CompileStats.misses)
 
 
 def param_dtype(name: str):
@@ -146,8 +226,25 @@ def init_opt_state(optimizer, trainable, mesh):
 
 def run_meta(c, student: Model, extra: dict | None = None) -> dict:
   """What export and load_checkpoint_path need to interpret a checkpoint without the run's config file."""
-  return {"config": json.loads(c.to_json_best_effort()), "base_model_path": student.path, "model_config": student.cfg.to_hf(),
-          **lora_config(c).to_meta(), **(extra or {})}
+  return {"config": json.loads(c.to_json_best_effort()), "model_name": student.path,
+          "model_config": student.cfg.to_hf(), **lora_config(c).to_meta(), **(extra or {})}
+
+
+def data_state(data) -> dict:
+  """Every process's data iterator state, for Checkpointer.save(data_state=...): orbax writes JSON items from
+  process 0 only, so the states are gathered (a collective: all processes call it)."""
+  return {"process_count": jax.process_count(), "processes": distributed.allgather_json(data.get_state())}
+
+
+def _own_data_state(saved: dict, where: str):
+  """This process's entry of a `data_state(...)` dict; any other dict is a single-process iterator state."""
+  if "processes" not in saved:
+    return saved
+  if saved["process_count"] != jax.process_count():
+    raise ValueError(f"{where}: the data position was saved by {saved['process_count']} processes but this run "
+                     f"has {jax.process_count()}; resume with the same process count, or start a new log_path "
+                     "with --config.load_checkpoint_path to keep the weights only")
+  return saved["processes"][jax.process_index()]
 
 
 def restore_or_start(checkpointer, state: dict, data_state_setter=None):
@@ -156,9 +253,9 @@ def restore_or_start(checkpointer, state: dict, data_state_setter=None):
   if step is None:
     return state, 0
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-  state, data_state, _ = checkpointer.restore(step, abstract_state=abstract)
-  if data_state_setter is not None and data_state is not None:
-    data_state_setter(data_state)
+  state, saved_data_state, _ = checkpointer.restore(step, abstract_state=abstract)
+  if data_state_setter is not None and saved_data_state:
+    data_state_setter(_own_data_state(saved_data_state, f"{checkpointer.directory}/{step}"))
   log.info("resumed from checkpoint at step %d", step)
   return state, int(step)
 

@@ -6,6 +6,7 @@ function elsewhere (jopd.sampler, jopd.scoring, jopd.update) taking params as ar
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import os
 import signal
@@ -19,7 +20,8 @@ import numpy as np
 from absl import app
 from ml_collections import config_flags
 
-from jopd import buckets, checkpoint, losses, runtime, sampler, scoring, teachers as teachers_lib, update
+from jopd import buckets, checkpoint, distributed, losses, runtime, sampler, scoring, update
+from jopd import teachers as teachers_lib
 from jopd import eval as eval_lib
 from jopd import mesh as mesh_lib
 from jopd import metrics as metrics_lib
@@ -93,20 +95,58 @@ def _replicate(tree, mesh):
 # ============================================================================================ data
 
 def load_data(c, specs, student: runtime.Model, teachers: dict[str, Teacher], counter: SkipCounter):
+  """This process's share of every dataset: `groups_per_batch` is the global number of prompts per step, and
+  each of the P processes reads groups_per_batch / P of them (disjoint rows; see gather_examples)."""
   contexts = {name: data_pipeline.TeacherContext(t.model.tokenizer, t.spec.teacher_messages_key)
               for name, t in teachers.items()}
+  count = jax.process_count()
   pipelines = {}
   for i, spec in enumerate(specs):
     name = spec.dataset if len(specs) == 1 else f"{i}:{os.path.basename(spec.dataset)}"
+    if spec.groups_per_batch % count:
+      raise ValueError(f"groups_per_batch={spec.groups_per_batch} of dataset {name!r} is not divisible by the "
+                       f"{count} processes; every process reads an equal share of each batch, so pick a multiple "
+                       f"of {count}")
     examples = data_pipeline.load_examples(
         spec.dataset, tokenizer=student.tokenizer, counter=counter, data_files=spec.data_files, split=c.split,
         max_rows=c.max_rows or None, name=name, max_prompt_tokens=c.max_prompt_tokens,
         route=lambda row, s=spec: s.teacher_for(row).name, teacher_contexts=contexts)
+    # Shards are positions of one seeded permutation of all usable rows: hosts must agree on those rows.
+    distributed.check_same({"usable_rows": len(examples), "skipped": dict(counter.counts)}, f"dataset {name!r}")
     pipelines[name] = data_pipeline.Pipeline(
-        examples, groups_per_batch=spec.groups_per_batch, seed=c.seed, num_epochs=c.num_epochs or None,
-        process_index=0, process_count=1, name=name)
-  # Every process holds the global batch (the programs are SPMD over the global mesh).
+        examples, groups_per_batch=spec.groups_per_batch // count, seed=c.seed, num_epochs=c.num_epochs or None,
+        process_index=jax.process_index(), process_count=count, name=name)
   return pipelines[next(iter(pipelines))] if len(pipelines) == 1 else data_pipeline.MultiPipeline(pipelines)
+
+
+def gather_examples(local: list[dict], teacher_names: list[str], dataset_names: list[str]) -> list[dict]:
+  """The step's global batch on every process, in the order one process would have read it (see interleave).
+  Only what sampling and scoring need travels: prompt and teacher-context token ids, teacher and dataset (as
+  indices)."""
+  count = jax.process_count()
+  if count == 1:
+    return local
+  ints = np.array([[teacher_names.index(ex["teacher"]), dataset_names.index(ex["dataset"])] for ex in local],
+                  np.int32).reshape(len(local), 2)
+  tokens, ints_all = distributed.allgather_rows(
+      [[ex["prompt_ids"] for ex in local], [ex["teacher_ids"] for ex in local]], ints)
+  return interleave([[{"prompt_ids": tokens[p][0][i], "teacher_ids": tokens[p][1][i],
+                       "teacher": teacher_names[ints_all[p, i, 0]], "dataset": dataset_names[ints_all[p, i, 1]]}
+                      for i in range(len(local))] for p in range(count)])
+
+
+def interleave(per_process: list[list[dict]]) -> list[dict]:
+  """Per-process batches -> the batch a single process would have read. Process p of P reads positions p, p + P,
+  ... of each dataset's shuffled stream (data.pipeline.Pipeline), so position j of a dataset's block in the
+  global batch is row j // P of that block on process j % P. Blocks (MultiPipeline: one per dataset, in order)
+  are runs of equal `dataset` and have the same sizes on every process."""
+  count = len(per_process)
+  out, start = [], 0
+  for _, block in itertools.groupby(per_process[0], key=lambda ex: ex["dataset"]):
+    size = len(list(block))
+    out += [per_process[p][start + i] for i in range(size) for p in range(count)]
+    start += size
+  return out
 
 
 # ============================================================================================ one step
@@ -137,21 +177,27 @@ def opd_loss(model_cfg, lora_enabled, lora_scale, temperature, ratio_log_cap, no
 _advantages = jax.jit(losses.advantages)
 
 
-def build_batch(prompts, completions, sampling_lps, teacher_lps, c, shards: int) -> dict[str, np.ndarray]:
+def build_batch(prompts, completions, sampling_lps, teacher_lps, c, shards: int,
+                rows: slice = slice(None)) -> dict[str, np.ndarray]:
   """Token rows prompt + completion, right-padded to a bucket; position t predicts token t+1, so the
-  completion's logprobs sit at positions [len(prompt) - 1, len(prompt) - 1 + len(completion))."""
-  rows = [np.concatenate([p, x]) for p, x in zip(prompts, completions)]
-  b = buckets.batch_bucket(len(rows), shards * max(1, c.micro_batch_size and 1))
-  t = buckets.length_bucket(max(len(r) for r in rows))
-  tokens, attention = buckets.pad_rows(rows, b, t, left=False)
-  loss_mask = np.zeros((b, t), bool)
-  ls = np.zeros((b, t), np.float32)
-  lt = np.zeros((b, t), np.float32)
-  for i, (p, x) in enumerate(zip(prompts, completions)):
-    span = slice(len(p) - 1, len(p) - 1 + len(x))
-    loss_mask[i, span] = True
-    ls[i, span] = sampling_lps[i]
-    lt[i, span] = teacher_lps[i]
+  completion's logprobs sit at positions [len(prompt) - 1, len(prompt) - 1 + len(completion)).
+
+  The (batch, length) bucket comes from all rows; only the rows `rows` of the padded global batch are built
+  (a process builds the rows its devices hold, update.local_rows)."""
+  full = [np.concatenate([p, x]) for p, x in zip(prompts, completions)]
+  b = buckets.batch_bucket(len(full), shards)
+  t = buckets.length_bucket(max(len(r) for r in full))
+  ids = range(b)[rows]
+  real = [i for i in ids if i < len(full)]
+  tokens, attention = buckets.pad_rows([full[i] for i in real], len(ids), t, left=False)
+  loss_mask = np.zeros((len(ids), t), bool)
+  ls = np.zeros((len(ids), t), np.float32)
+  lt = np.zeros((len(ids), t), np.float32)
+  for row, i in enumerate(real):
+    span = slice(len(prompts[i]) - 1, len(prompts[i]) - 1 + len(completions[i]))
+    loss_mask[row, span] = True
+    ls[row, span] = sampling_lps[i]
+    lt[row, span] = teacher_lps[i]
   adv = np.asarray(_advantages(ls, lt, loss_mask, np.float32(c.kl_penalty_coef),
                                np.float32(c.kl_discount_factor)))
   targets = np.pad(tokens[:, 1:], ((0, 0), (0, 1)))
@@ -190,7 +236,9 @@ class _Preemption:
 
 
 def run(c) -> dict[str, float]:
-  """Trains per `c`; returns the last step's metrics."""
+  """Trains per `c`; returns the last step's metrics. In a multi-process run every process calls this: each
+  reads its share of the rows, the step's prompts are gathered so all processes sample and score the same
+  global batch with the same SPMD programs, and process 0 alone writes metrics."""
   mesh_lib.initialize()
   log_path = runtime.setup_run(c, "opd")
   preemption = _Preemption()
@@ -205,12 +253,15 @@ def run(c) -> dict[str, float]:
     teachers = load_teachers(c, specs, student, mesh)
     counter = SkipCounter(strict=c.strict)
     data = load_data(c, specs, student, teachers, counter)
+    teacher_names = sorted(teachers)
+    dataset_names = list(data.pipelines) if isinstance(data, data_pipeline.MultiPipeline) else [data.name]
     lcfg = runtime.lora_config(c)
     trainable, frozen = runtime.init_trainable(c, student, mesh, init_key)
     total_steps = c.max_steps or _steps_in_data(data, c)
     optimizer = update.make_optimizer(c, total_steps)
     opt_state = runtime.init_opt_state(optimizer, trainable, mesh)
-    state = {"trainable": trainable, "opt_state": opt_state, "rng": jax.random.key_data(key)}
+    state = {"trainable": trainable, "opt_state": opt_state,
+             "rng": distributed.replicated(jax.random.key_data(key), mesh)}
     ckpt = checkpoint.Checkpointer(os.path.join(log_path, "checkpoints"), max_to_keep=c.max_to_keep)
     state, start = runtime.restore_or_start(ckpt, state, data.set_state)
     meta = runtime.run_meta(c, student)
@@ -227,10 +278,11 @@ def run(c) -> dict[str, float]:
     for step in range(start, total_steps):
       t0 = time.perf_counter()
       try:
-        examples = next(data)
+        local = next(data)
       except StopIteration:
         log.info("end of data at step %d", step)
         break
+      examples = gather_examples(local, teacher_names, dataset_names)
       rng = jax.random.wrap_key_data(state["rng"])
       rng, sample_rng = jax.random.split(rng)
       group = [ex for ex in examples for _ in range(c.group_size)]
@@ -247,14 +299,16 @@ def run(c) -> dict[str, float]:
       per = -(-len(group) // k)
       for s in range(k):
         sl = slice(s * per, (s + 1) * per)
+        rows = buckets.batch_bucket(len(group[sl]), shards)
+        mine = update.local_rows(mesh, rows)
         batch = build_batch([ex["prompt_ids"] for ex in group[sl]], result.tokens[sl], result.logprobs[sl],
-                            teacher_lps[sl], c, shards)
-        micro = max(1, batch["tokens"].shape[0] // c.micro_batch_size) if c.micro_batch_size else 1
+                            teacher_lps[sl], c, shards, rows=mine)
+        micro = max(1, rows // c.micro_batch_size) if c.micro_batch_size else 1
         new_trainable, new_opt, m = update.train_step(
-            state["trainable"], state["opt_state"], frozen, update.put_batch(batch, mesh), loss_fn=loss_fn,
-            optimizer=optimizer, num_micro=micro)
+            state["trainable"], state["opt_state"], frozen, update.put_batch(batch, mesh, global_rows=rows),
+            loss_fn=loss_fn, optimizer=optimizer, num_micro=micro)
         state = dict(state, trainable=new_trainable, opt_state=new_opt)
-        for name, v in m.items():
+        for name, v in distributed.fetch(m).items():
           step_metrics.setdefault(name, []).append(float(v))
       state["rng"] = jax.random.key_data(rng)
       t3 = time.perf_counter()
@@ -262,12 +316,13 @@ def run(c) -> dict[str, float]:
       skipped = max(step_metrics["skipped_nonfinite"])
       consecutive_nonfinite = consecutive_nonfinite + 1 if skipped else 0
       if skipped:
-        log.warning("step %d: non-finite loss or gradient; update skipped (rows %s)", step,
-                    [ex["where"] for ex in examples])
+        log.warning("step %d: non-finite loss or gradient; update skipped (this process's rows %s)", step,
+                    [ex["where"] for ex in local])
       if consecutive_nonfinite > c.max_consecutive_nonfinite:
         raise FloatingPointError(f"{consecutive_nonfinite} consecutive steps with a non-finite loss or gradient "
                                  f"(max_consecutive_nonfinite={c.max_consecutive_nonfinite}); stopping with the "
                                  f"last good checkpoint intact in {ckpt.directory}")
+      # Every process holds the global samples and teacher scores, so these are global numbers everywhere.
       rkl = [float(np.sum(ls - lt)) for ls, lt in zip(result.logprobs, teacher_lps)]
       ntok = [len(x) for x in result.tokens]
       generated = int(sum(ntok))
@@ -281,19 +336,25 @@ def run(c) -> dict[str, float]:
           "frac_truncated": float(np.mean([r == "length" for r in result.finish_reasons])),
           "time/sample": t1 - t0, "time/score": t2 - t1, "time/train": t3 - t2, "time/step": t3 - t0,
           "throughput/tokens_per_s": generated / max(t3 - t0, 1e-9),
+          # Every process validated every row (the shards are drawn from all usable rows), so the counts
+          # are already global; summing over processes would count each bad row process_count times.
           **counter.metrics(),
+          **runtime.compile_stats(),
       })
+      if step == start:
+        runtime.log_compile_stats(f"first step ({step + 1})")
       done = step + 1
       if c.eval_every and (done % c.eval_every == 0 or done == total_steps) and c.eval_dataset:
         out.update(evaluate(c, student, teachers, state, frozen, lcfg, mesh))
       writer.write(done, out)
       bar.update(done, out)
       last = out
-      if preemption.requested or (c.save_every and done % c.save_every == 0) or done == total_steps:
+      preempted = distributed.any_process(preemption.requested)  # all processes must stop at the same step
+      if preempted or (c.save_every and done % c.save_every == 0) or done == total_steps:
         writer.flush()
-        ckpt.save(done, state, data_state=data.get_state(), meta=meta, force=True)
+        ckpt.save(done, state, data_state=runtime.data_state(data), meta=meta, force=True)
       _fault_hooks(done, ckpt)
-      if preemption.requested:
+      if preempted:
         ckpt.wait()
         writer.close()
         log.warning("preempted: checkpoint at step %d written; exiting with %d", done, PREEMPTED_EXIT_CODE)
@@ -341,12 +402,13 @@ def evaluate(c, student, teachers, state, frozen, lcfg, mesh) -> dict[str, float
   params, adapters = update.model_args(state["trainable"], frozen, lcfg.enabled)
   eos = stop_token_ids(student.tokenizer)
   by_row = {id(ex["row"]): ex for ex in examples}
+  eval_key = jax.random.wrap_key_data(distributed.replicated(jax.random.key_data(jax.random.key(0)), mesh))
 
   def sample_fn(rows):
     exs = [by_row[id(r)] for r in rows]
     res = sampler.sample(student.cfg, params, [ex["prompt_ids"] for ex in exs], adapters=adapters,
                          lora_scale=lcfg.scale, max_new_tokens=c.eval_max_tokens or c.max_tokens, temperature=0.0,
-                         stop_token_ids=eos, rng=jax.random.key(0), mesh=mesh)
+                         stop_token_ids=eos, rng=eval_key, mesh=mesh)
     tl = score_with_teachers(exs, res.tokens, teachers, mesh)
     return [eval_lib.EvalSample(student.tokenizer.decode(toks, skip_special_tokens=True),
                                 float(np.sum(_greedy_logprobs(student, params, adapters, lcfg, ex, toks, mesh)
@@ -367,7 +429,7 @@ def main(argv):
   runtime.setup_logging()
   if _CONFIG.value is None:
     raise app.UsageError("--config=configs/<name>.py is required")
-  run(_CONFIG.value)
+  runtime.run_main(run, _CONFIG.value)
 
 
 if __name__ == "__main__":

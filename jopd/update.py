@@ -91,12 +91,33 @@ def model_args(trainable, frozen, lora_enabled: bool):
   return (frozen, trainable) if lora_enabled else (trainable, None)
 
 
-def put_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
-  """Host arrays (this process's rows) -> global arrays with rows sharded on ('data', 'fsdp')."""
+def _row_sharding(mesh, ndim: int) -> NamedSharding:
+  return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def local_rows(mesh, global_rows: int) -> slice:
+  """The rows of a [global_rows, ...] batch that this process's devices hold under put_batch's sharding: the
+  rows a process builds and passes to put_batch. All rows for one process (or mesh=None)."""
+  if mesh is None or jax.process_count() == 1:
+    return slice(0, global_rows)
+  spans = {(i[0].start or 0, global_rows if i[0].stop is None else i[0].stop)
+           for i in _row_sharding(mesh, 1).addressable_devices_indices_map((global_rows,)).values()}
+  lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
+  covered = set().union(*(range(a, b) for a, b in spans))
+  if len(covered) != hi - lo:
+    raise ValueError(f"local_rows: this process's devices hold rows {sorted(spans)} of the batch, not one "
+                     "contiguous range; build the mesh with jopd.mesh.make_mesh (devices in process order)")
+  return slice(lo, hi)
+
+
+def put_batch(batch: dict[str, np.ndarray], mesh, global_rows: int | None = None) -> dict[str, jax.Array]:
+  """Host arrays (this process's rows, `local_rows(mesh, global_rows)`) -> global arrays with rows sharded on
+  ('data', 'fsdp'). Without `global_rows`, jax infers the global row count from the sharding (in one process:
+  the rows given)."""
   if mesh is None:
     return {k: jnp.asarray(v) for k, v in batch.items()}
   out = {}
   for k, v in batch.items():
-    spec = P(("data", "fsdp"), *([None] * (v.ndim - 1)))
-    out[k] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), v)
+    shape = None if global_rows is None else (global_rows, *v.shape[1:])
+    out[k] = jax.make_array_from_process_local_data(_row_sharding(mesh, v.ndim), v, shape)
   return out
