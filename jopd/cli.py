@@ -92,7 +92,7 @@ CONFIG_RULES = {
     "micro_batch_size": _int(0, " (0: no gradient accumulation)"), "max_rows": _int(0, " (0: all)"),
     "eval_rows": _int(0, " (0: all)"), "eval_max_tokens": _int(0, " (0: max_tokens)"), "top_k": _int(0, " (0: off)"),
     "max_consecutive_nonfinite": _int(0), "seed": _int(0),
-    "learning_rate": _num(lambda v: v > 0, "a number > 0"),
+    "learning_rate": _num(lambda v: v >= 0, "a number >= 0 (0: weights stay as loaded)"),
     "temperature": _num(lambda v: v > 0, "a number > 0 (the trainer scores logits / temperature)"),
     "top_p": _num(lambda v: 0 < v <= 1, "a number in (0, 1] (1: off)"),
     "kl_penalty_coef": _num(lambda v: v >= 0, "a number >= 0"),

@@ -136,7 +136,10 @@ def resolve_model_path(name: str, what: str = "model_name") -> str:
   if name.startswith("gs://"):
     raise ValueError(f"--config.{what}={name!r}: copy gs:// model weights to local disk first "
                      "(`gcloud storage cp -r`); checkpoints, not base weights, are read from gs://")
-  if name.count("/") != 1 or os.path.exists(name):
+  if os.path.isabs(name) or name.startswith((".", "~")) or os.path.exists(name):
+    raise FileNotFoundError(f"--config.{what}={name!r}: no such directory (expected a transformers checkpoint "
+                            "directory)")
+  if name.count("/") != 1:
     raise FileNotFoundError(f"--config.{what}={name!r}: not a directory and not a hub name like 'Qwen/Qwen3-8B'")
   import huggingface_hub
   patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
@@ -150,8 +153,19 @@ def resolve_model_path(name: str, what: str = "model_name") -> str:
                               f"downloaded ({type(e).__name__}); pass a local directory") from e
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+
+
 def load_tokenizer(path: str):
-  return transformers.AutoTokenizer.from_pretrained(path)
+  """The directory's own tokenizer (and chat template); refuses a directory without tokenizer files, where
+  transformers would silently build an empty one."""
+  if not any(os.path.exists(os.path.join(path, f)) for f in _TOKENIZER_FILES):
+    raise ValueError(f"{path}: no tokenizer files ({', '.join(_TOKENIZER_FILES)}); save the tokenizer next to the "
+                     "weights (tokenizer.save_pretrained) or pass --config.tokenizer_path")
+  try:
+    return transformers.AutoTokenizer.from_pretrained(path)
+  except Exception as e:
+    raise ValueError(f"{path}: the tokenizer could not be loaded ({type(e).__name__}: {e})") from e
 
 
 @dataclasses.dataclass
@@ -170,6 +184,9 @@ def load_model(name: str, c, mesh, *, tokenizer_path: str = "", what: str = "mod
   _, params = hf.load_pretrained(path, dtype=param_dtype(c.param_dtype),
                                  shardings=mesh_lib.shardings_for(abstract, mesh))
   tokenizer = load_tokenizer(resolve_model_path(tokenizer_path, "tokenizer_path") if tokenizer_path else path)
+  if len(tokenizer) > cfg.vocab_size:
+    raise ValueError(f"{path}: the tokenizer has {len(tokenizer)} tokens but config.json vocab_size is "
+                     f"{cfg.vocab_size}; ids past the embedding table cannot be scored (wrong tokenizer_path?)")
   return Model(cfg, params, tokenizer, path)
 
 

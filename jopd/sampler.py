@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jopd import buckets, scoring
+from jopd import buckets, distributed, scoring
 from models import qwen3
 
 F32 = jnp.float32
@@ -323,7 +323,8 @@ def sample(cfg: qwen3.Qwen3Config, params, prompts: Sequence[Sequence[int]], *, 
   state = _prefill(cfg, params, adapters, scale, tokens_bt, mask_bt, live_b, rng, sp, stop_ids, max_new,
                    cache_len=prompt_len + max_len, max_len=max_len, mesh=mesh, unrolled=unrolled)
   final = _decode(cfg, params, adapters, scale, state, sp, stop_ids, max_new, mesh=mesh, unrolled=unrolled)
-  tokens_bn, logprobs_bn, length_b, stopped_b = jax.device_get(
+  # A collective in a multi-process run: every host gets the global results.
+  tokens_bn, logprobs_bn, length_b, stopped_b = distributed.fetch(
       (final.tokens_bn, final.logprobs_bn, final.length_b, final.stopped_b))
   n = len(prompts)
   return SampleResult(

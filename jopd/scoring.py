@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jopd import buckets, mesh as mesh_lib
+from jopd import buckets, distributed, mesh as mesh_lib
 from models import qwen3
 
 F32 = jnp.float32
@@ -157,8 +157,8 @@ def token_logprobs(cfg: qwen3.Qwen3Config, params, contexts: Sequence[Sequence[i
     length = buckets.length_bucket(max(len(rows[i]) for i in ids))
     tokens_bt, mask_bt = buckets.pad_rows([rows[i] for i in ids], batch, length, left=False)
     chunk = chunk_size or auto_chunk_size(batch, cfg.vocab_size, length)
-    logp_bt = np.asarray(_score(cfg, params, adapters, np.float32(lora_scale), np.float32(temperature),
-                                tokens_bt, mask_bt, chunk_size=chunk, batch_sharding=sharding))
+    logp_bt = distributed.fetch(_score(cfg, params, adapters, np.float32(lora_scale), np.float32(temperature),
+                                       tokens_bt, mask_bt, chunk_size=chunk, batch_sharding=sharding))
     for row, i in enumerate(ids):
       n_ctx, n_cont = len(contexts[i]), len(continuations[i])
       out[i] = logp_bt[row, n_ctx - 1:n_ctx - 1 + n_cont].astype(np.float32)

@@ -17,7 +17,7 @@ import numpy as np
 from absl import app
 from ml_collections import config_flags
 
-from jopd import buckets, checkpoint, runtime, scoring, update
+from jopd import buckets, checkpoint, cli, runtime, scoring, update
 from jopd import mesh as mesh_lib
 from jopd import metrics as metrics_lib
 from jopd.data import builders, packing
@@ -129,6 +129,7 @@ def evaluate_nll(examples, trainable, frozen, loss_fn, c, mesh, shards: int) -> 
 
 def run(c) -> dict[str, float]:
   """Trains per `c`; returns the last step's metrics."""
+  cli.check_config(c)
   mesh_lib.initialize()
   log_path = runtime.setup_run(c, "sft")
   mesh = mesh_lib.make_mesh(c.mesh_data, c.mesh_fsdp, c.mesh_tensor)
@@ -205,4 +206,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

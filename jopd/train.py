@@ -20,7 +20,7 @@ import numpy as np
 from absl import app
 from ml_collections import config_flags
 
-from jopd import buckets, checkpoint, distributed, losses, runtime, sampler, scoring, update
+from jopd import buckets, checkpoint, cli, distributed, losses, runtime, sampler, scoring, update
 from jopd import teachers as teachers_lib
 from jopd import eval as eval_lib
 from jopd import mesh as mesh_lib
@@ -239,6 +239,7 @@ def run(c) -> dict[str, float]:
   """Trains per `c`; returns the last step's metrics. In a multi-process run every process calls this: each
   reads its share of the rows, the step's prompts are gathered so all processes sample and score the same
   global batch with the same SPMD programs, and process 0 alone writes metrics."""
+  cli.check_config(c)
   mesh_lib.initialize()
   log_path = runtime.setup_run(c, "opd")
   preemption = _Preemption()
@@ -275,91 +276,94 @@ def run(c) -> dict[str, float]:
     last: dict[str, float] = {}
     consecutive_nonfinite = 0
 
-    for step in range(start, total_steps):
-      t0 = time.perf_counter()
-      try:
-        local = next(data)
-      except StopIteration:
-        log.info("end of data at step %d", step)
-        break
-      examples = gather_examples(local, teacher_names, dataset_names)
-      rng = jax.random.wrap_key_data(state["rng"])
-      rng, sample_rng = jax.random.split(rng)
-      group = [ex for ex in examples for _ in range(c.group_size)]
-      params, adapters = update.model_args(state["trainable"], frozen, lcfg.enabled)
-      result = sampler.sample(student.cfg, params, [ex["prompt_ids"] for ex in group], adapters=adapters,
-                              lora_scale=lcfg.scale, max_new_tokens=c.max_tokens, temperature=c.temperature,
-                              top_k=c.top_k, top_p=c.top_p, stop_token_ids=eos, rng=sample_rng, mesh=mesh)
-      t1 = time.perf_counter()
-      teacher_lps = score_with_teachers(group, result.tokens, teachers, mesh)
-      t2 = time.perf_counter()
+    # A failure mid-loop must not abandon the previous step's background save half-written.
+    try:
+      for step in range(start, total_steps):
+        t0 = time.perf_counter()
+        try:
+          local = next(data)
+        except StopIteration:
+          log.info("end of data at step %d", step)
+          break
+        examples = gather_examples(local, teacher_names, dataset_names)
+        rng = jax.random.wrap_key_data(state["rng"])
+        rng, sample_rng = jax.random.split(rng)
+        group = [ex for ex in examples for _ in range(c.group_size)]
+        params, adapters = update.model_args(state["trainable"], frozen, lcfg.enabled)
+        result = sampler.sample(student.cfg, params, [ex["prompt_ids"] for ex in group], adapters=adapters,
+                                lora_scale=lcfg.scale, max_new_tokens=c.max_tokens, temperature=c.temperature,
+                                top_k=c.top_k, top_p=c.top_p, stop_token_ids=eos, rng=sample_rng, mesh=mesh)
+        t1 = time.perf_counter()
+        teacher_lps = score_with_teachers(group, result.tokens, teachers, mesh)
+        t2 = time.perf_counter()
 
-      step_metrics: dict[str, Any] = {}
-      k = c.num_substeps
-      per = -(-len(group) // k)
-      for s in range(k):
-        sl = slice(s * per, (s + 1) * per)
-        rows = buckets.batch_bucket(len(group[sl]), shards)
-        mine = update.local_rows(mesh, rows)
-        batch = build_batch([ex["prompt_ids"] for ex in group[sl]], result.tokens[sl], result.logprobs[sl],
-                            teacher_lps[sl], c, shards, rows=mine)
-        micro = max(1, rows // c.micro_batch_size) if c.micro_batch_size else 1
-        new_trainable, new_opt, m = update.train_step(
-            state["trainable"], state["opt_state"], frozen, update.put_batch(batch, mesh, global_rows=rows),
-            loss_fn=loss_fn, optimizer=optimizer, num_micro=micro)
-        state = dict(state, trainable=new_trainable, opt_state=new_opt)
-        for name, v in distributed.fetch(m).items():
-          step_metrics.setdefault(name, []).append(float(v))
-      state["rng"] = jax.random.key_data(rng)
-      t3 = time.perf_counter()
+        step_metrics: dict[str, Any] = {}
+        k = c.num_substeps
+        per = -(-len(group) // k)
+        for s in range(k):
+          sl = slice(s * per, (s + 1) * per)
+          rows = buckets.batch_bucket(len(group[sl]), shards)
+          mine = update.local_rows(mesh, rows)
+          batch = build_batch([ex["prompt_ids"] for ex in group[sl]], result.tokens[sl], result.logprobs[sl],
+                              teacher_lps[sl], c, shards, rows=mine)
+          micro = max(1, rows // c.micro_batch_size) if c.micro_batch_size else 1
+          new_trainable, new_opt, m = update.train_step(
+              state["trainable"], state["opt_state"], frozen, update.put_batch(batch, mesh, global_rows=rows),
+              loss_fn=loss_fn, optimizer=optimizer, num_micro=micro)
+          state = dict(state, trainable=new_trainable, opt_state=new_opt)
+          for name, v in distributed.fetch(m).items():
+            step_metrics.setdefault(name, []).append(float(v))
+        state["rng"] = jax.random.key_data(rng)
+        t3 = time.perf_counter()
 
-      skipped = max(step_metrics["skipped_nonfinite"])
-      consecutive_nonfinite = consecutive_nonfinite + 1 if skipped else 0
-      if skipped:
-        log.warning("step %d: non-finite loss or gradient; update skipped (this process's rows %s)", step,
-                    [ex["where"] for ex in local])
-      if consecutive_nonfinite > c.max_consecutive_nonfinite:
-        raise FloatingPointError(f"{consecutive_nonfinite} consecutive steps with a non-finite loss or gradient "
-                                 f"(max_consecutive_nonfinite={c.max_consecutive_nonfinite}); stopping with the "
-                                 f"last good checkpoint intact in {ckpt.directory}")
-      # Every process holds the global samples and teacher scores, so these are global numbers everywhere.
-      rkl = [float(np.sum(ls - lt)) for ls, lt in zip(result.logprobs, teacher_lps)]
-      ntok = [len(x) for x in result.tokens]
-      generated = int(sum(ntok))
-      out = metrics_lib.teacher_metrics([ex["teacher"] for ex in group], rkl, ntok, teachers)
-      out.update({
-          "sampler_trainer_kl": float(np.mean(step_metrics["sampler_trainer_kl"])),
-          "entropy": float(np.mean(step_metrics["entropy"])),
-          "loss": float(np.sum(step_metrics["loss"])), "grad_norm": float(np.mean(step_metrics["grad_norm"])),
-          "train/skipped_nonfinite": skipped,
-          "tokens/generated": generated,
-          "frac_truncated": float(np.mean([r == "length" for r in result.finish_reasons])),
-          "time/sample": t1 - t0, "time/score": t2 - t1, "time/train": t3 - t2, "time/step": t3 - t0,
-          "throughput/tokens_per_s": generated / max(t3 - t0, 1e-9),
-          # Every process validated every row (the shards are drawn from all usable rows), so the counts
-          # are already global; summing over processes would count each bad row process_count times.
-          **counter.metrics(),
-          **runtime.compile_stats(),
-      })
-      if step == start:
-        runtime.log_compile_stats(f"first step ({step + 1})")
-      done = step + 1
-      if c.eval_every and (done % c.eval_every == 0 or done == total_steps) and c.eval_dataset:
-        out.update(evaluate(c, student, teachers, state, frozen, lcfg, mesh))
-      writer.write(done, out)
-      bar.update(done, out)
-      last = out
-      preempted = distributed.any_process(preemption.requested)  # all processes must stop at the same step
-      if preempted or (c.save_every and done % c.save_every == 0) or done == total_steps:
-        writer.flush()
-        ckpt.save(done, state, data_state=runtime.data_state(data), meta=meta, force=True)
-      _fault_hooks(done, ckpt)
-      if preempted:
-        ckpt.wait()
-        writer.close()
-        log.warning("preempted: checkpoint at step %d written; exiting with %d", done, PREEMPTED_EXIT_CODE)
-        sys.exit(PREEMPTED_EXIT_CODE)
-    ckpt.wait()
+        skipped = max(step_metrics["skipped_nonfinite"])
+        consecutive_nonfinite = consecutive_nonfinite + 1 if skipped else 0
+        if skipped:
+          log.warning("step %d: non-finite loss or gradient; update skipped (this process's rows %s)", step,
+                      [ex["where"] for ex in local])
+        if consecutive_nonfinite > c.max_consecutive_nonfinite:
+          raise FloatingPointError(f"{consecutive_nonfinite} consecutive steps with a non-finite loss or gradient "
+                                   f"(max_consecutive_nonfinite={c.max_consecutive_nonfinite}); stopping with the "
+                                   f"last good checkpoint intact in {ckpt.directory}")
+        # Every process holds the global samples and teacher scores, so these are global numbers everywhere.
+        rkl = [float(np.sum(ls - lt)) for ls, lt in zip(result.logprobs, teacher_lps)]
+        ntok = [len(x) for x in result.tokens]
+        generated = int(sum(ntok))
+        out = metrics_lib.teacher_metrics([ex["teacher"] for ex in group], rkl, ntok, teachers)
+        out.update({
+            "sampler_trainer_kl": float(np.mean(step_metrics["sampler_trainer_kl"])),
+            "entropy": float(np.mean(step_metrics["entropy"])),
+            "loss": float(np.sum(step_metrics["loss"])), "grad_norm": float(np.mean(step_metrics["grad_norm"])),
+            "train/skipped_nonfinite": skipped,
+            "tokens/generated": generated,
+            "frac_truncated": float(np.mean([r == "length" for r in result.finish_reasons])),
+            "time/sample": t1 - t0, "time/score": t2 - t1, "time/train": t3 - t2, "time/step": t3 - t0,
+            "throughput/tokens_per_s": generated / max(t3 - t0, 1e-9),
+            # Every process validated every row (the shards are drawn from all usable rows), so the counts
+            # are already global; summing over processes would count each bad row process_count times.
+            **counter.metrics(),
+            **runtime.compile_stats(),
+        })
+        if step == start:
+          runtime.log_compile_stats(f"first step ({step + 1})")
+        done = step + 1
+        if c.eval_every and (done % c.eval_every == 0 or done == total_steps) and c.eval_dataset:
+          out.update(evaluate(c, student, teachers, state, frozen, lcfg, mesh))
+        writer.write(done, out)
+        bar.update(done, out)
+        last = out
+        preempted = distributed.any_process(preemption.requested)  # all processes must stop at the same step
+        if preempted or (c.save_every and done % c.save_every == 0) or done == total_steps:
+          writer.flush()
+          ckpt.save(done, state, data_state=runtime.data_state(data), meta=meta, force=True)
+        _fault_hooks(done, ckpt)
+        if preempted:
+          ckpt.wait()
+          writer.close()
+          log.warning("preempted: checkpoint at step %d written; exiting with %d", done, PREEMPTED_EXIT_CODE)
+          sys.exit(PREEMPTED_EXIT_CODE)
+    finally:
+      ckpt.wait()
     writer.close()
     bar.close()
   return last
@@ -433,4 +437,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)
