@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from models import hf, qwen3
+from models import hf
 
 # Qwen3, vocab 32000, hidden 512, MLP 1536, 12 layers, 8 heads / 4 KV heads of 64, tied embeddings: 54.1M params.
 BENCH_MODEL = dict(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hidden_layers=12,
