@@ -164,3 +164,30 @@ def accuracy_metrics(grades: Sequence[bool], prefix: str = "eval/") -> dict[str,
   `<prefix>samples`."""
   n = len(grades)
   return {f"{prefix}accuracy": sum(map(bool, grades)) / n if n else float("nan"), f"{prefix}samples": n}
+
+
+def _cli() -> None:
+  """`python -m jopd.eval --config=configs/deepmath.py --config.eval_dataset=rows.jsonl [--checkpoint=DIR]`:
+  greedy accuracy and teacher KL of a model (a jopd checkpoint or PEFT adapter via --checkpoint), as JSON."""
+  import json
+  from absl import flags
+  from jopd import cli, runtime, train
+  config = train.CONFIG_FLAG  # the trainer's --config flag: same configs, same overrides
+  checkpoint = flags.DEFINE_string("checkpoint", None, "jopd checkpoint dir or PEFT adapter dir to evaluate "
+                                   "(default: --config.load_checkpoint_path, else the base model)")
+
+  def main(argv):
+    del argv
+    runtime.setup_logging()
+    c = config.value
+    if c is None:
+      raise ValueError("--config=configs/<name>.py is required")
+    if checkpoint.value:
+      c.load_checkpoint_path = checkpoint.value
+    print(json.dumps(train.evaluate_standalone(c), indent=2, sort_keys=True))
+
+  cli.run(main)
+
+
+if __name__ == "__main__":
+  _cli()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import os
 import re
@@ -36,7 +37,7 @@ from models import lora, qwen3
 
 # The run config flag is jopd.train's own (--config=configs/x.py --config.field=value), so a plan reads exactly
 # what a run would.
-_CONFIG = train._CONFIG
+_CONFIG = train.CONFIG_FLAG
 _MESH = flags.DEFINE_string("mesh", "1,-1,1", "data,fsdp,tensor mesh sizes; one may be -1 (fill)")
 _DEVICES = flags.DEFINE_string("devices", "", "device count or kind (v5p-64, v6e-8, h100-8); default: mesh size")
 _STUDENT = flags.DEFINE_string("student", "", "student model (default: the config's model_name)")
@@ -285,6 +286,8 @@ def report(w: Workload, mesh_sizes, hbm, xla=None, seconds=None, depth_note="", 
     if any(target[p].get(r) for p in PROGRAMS):
       out(f"{r:24s}" + "".join(cell(target[p].get(r, 0)) for p in PROGRAMS))
   out(f"{'peak (predicted)':24s}" + "".join(cell(target[p]["peak"]) for p in PROGRAMS))
+  largest = {p: max((k for k in target[p] if k != "peak"), key=lambda k: target[p][k]) for p in PROGRAMS}
+  out(f"{'largest term':24s}" + "".join(f"{largest[p][:11]:>12s}" for p in PROGRAMS))
   if hbm:
     out(f"{f'fits in {hbm / GiB:.0f} GiB (90%)':24s}" + "".join(
         f"{'yes' if target[p]['peak'] <= 0.9 * hbm else 'NO':>12s}" for p in PROGRAMS))
@@ -321,7 +324,6 @@ def _reexec_with_devices(n: int) -> None:
 
 def main(argv):
   del argv
-  import json
   c = _CONFIG.value
   sizes = _MESH.value
   n_guess = math.prod(abs(int(s)) for s in sizes.split(",")) if re.fullmatch(r"-?\d+,-?\d+,-?\d+", sizes) else 1

@@ -34,7 +34,7 @@ log = logging.getLogger("jopd")
 # Exit status after a SIGTERM (preemption) was answered with a checkpoint; launchers restart on it.
 PREEMPTED_EXIT_CODE = 42
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file (configs/*.py).", lock_config=True)
+CONFIG_FLAG = config_flags.DEFINE_config_file("config", None, "Run config file (configs/*.py).", lock_config=True)
 
 
 # ============================================================================================ teachers
@@ -413,27 +413,34 @@ def evaluate(c, student, teachers, state, frozen, lcfg, mesh) -> dict[str, float
     res = sampler.sample(student.cfg, params, [ex["prompt_ids"] for ex in exs], adapters=adapters,
                          lora_scale=lcfg.scale, max_new_tokens=c.eval_max_tokens or c.max_tokens, temperature=0.0,
                          stop_token_ids=eos, rng=eval_key, mesh=mesh)
-    tl = score_with_teachers(exs, res.tokens, teachers, mesh)
+    teacher_lps = score_with_teachers(exs, res.tokens, teachers, mesh)
+    # Greedy rows record the student's temperature-1 logprobs (jopd.sampler), so the KL needs no rescoring.
     return [eval_lib.EvalSample(student.tokenizer.decode(toks, skip_special_tokens=True),
-                                float(np.sum(_greedy_logprobs(student, params, adapters, lcfg, ex, toks, mesh)
-                                             - t)), len(toks))
-            for ex, toks, t in zip(exs, res.tokens, tl)]
+                                float(np.sum(ls - lt)), len(toks))
+            for toks, ls, lt in zip(res.tokens, res.logprobs, teacher_lps)]
 
   return eval_lib.evaluate([ex["row"] for ex in examples], sample_fn, batch_size=max(1, c.groups_per_batch))
 
 
-def _greedy_logprobs(student, params, adapters, lcfg, ex, toks, mesh):
-  """Student logprobs (temperature 1) of a greedy completion, for the eval teacher KL."""
-  return scoring.token_logprobs(student.cfg, params, [ex["prompt_ids"]], [toks], adapters=adapters,
-                                lora_scale=lcfg.scale, mesh=mesh)[0]
+def evaluate_standalone(c) -> dict[str, float]:
+  """`python -m jopd.eval`: the student (with `load_checkpoint_path` applied) graded on `eval_dataset`."""
+  cli.check_config(c)
+  if not c.eval_dataset:
+    raise ValueError("--config.eval_dataset is required: a JSONL (or builder) of rows with expected_answer")
+  mesh_lib.initialize()
+  mesh = mesh_lib.make_mesh(c.mesh_data, c.mesh_fsdp, c.mesh_tensor)
+  student = runtime.load_model(c.model_name, c, mesh, tokenizer_path=c.tokenizer_path)
+  teachers = load_teachers(c, teachers_lib.dataset_teachers_from_config(c), student, mesh)
+  trainable, frozen = runtime.init_trainable(c, student, mesh, jax.random.key(c.seed))
+  return evaluate(c, student, teachers, {"trainable": trainable}, frozen, runtime.lora_config(c), mesh)
 
 
 def main(argv):
   del argv
   runtime.setup_logging()
-  if _CONFIG.value is None:
+  if CONFIG_FLAG.value is None:
     raise app.UsageError("--config=configs/<name>.py is required")
-  runtime.run_main(run, _CONFIG.value)
+  runtime.run_main(run, CONFIG_FLAG.value)
 
 
 if __name__ == "__main__":

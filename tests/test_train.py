@@ -167,3 +167,18 @@ def test_tokenizer_mismatch_is_refused_at_startup(world, tmp_path):
   assert "its tokenizer is incompatible with the student's" in proc.stderr
   assert "id " in proc.stderr.split("incompatible")[1][:2000]
   assert not os.path.exists(tmp_path / "mismatch" / "metrics.jsonl")
+
+
+def test_standalone_eval_grades_rows_and_measures_teacher_kl(world, tmp_path):
+  rows = [data_utils.prompt_row(f"What is {i} + {i}?", expected_answer=str(2 * i)) for i in range(3)]
+  rows.append(data_utils.prompt_row("no answer to grade"))
+  data = data_utils.write_jsonl(tmp_path / "eval.jsonl", rows)
+  proc = tiny_world.run_module("jopd.eval", "configs/tiny_opd.py", {
+      "model_name": world["student"], "teacher_model": world["student"], "dataset": data, "eval_dataset": data})
+  out = json.loads(proc.stdout[proc.stdout.index("{"):])
+  assert out["eval/rows"] == 3 and out["eval/skipped/no_expected_answer"] == 1 and out["eval/samples"] == 3
+  assert 0.0 <= out["eval/accuracy"] <= 1.0
+  assert out["eval/teacher_kl"] == pytest.approx(0.0, abs=1e-4)  # the teacher is the student: greedy KL is 0
+  proc = tiny_world.run_module("jopd.eval", "configs/tiny_opd.py", {
+      "model_name": world["student"], "teacher_model": world["teacher"], "dataset": data, "eval_dataset": data})
+  assert json.loads(proc.stdout[proc.stdout.index("{"):])["eval/teacher_kl"] > 0.1
