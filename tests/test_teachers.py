@@ -200,7 +200,8 @@ def test_from_run_config_all_three_modes():
   c = run_config.opd()
   c.teacher_model, c.teacher_checkpoint, c.groups_per_batch = "/t", "", 8
   (single,) = T.dataset_teachers_from_config(c)
-  assert single.route_key is None and single.teachers == (T.TeacherConfig("/t", "/t"),)  # "" = unset
+  # "" = unset; a single teacher is named "teacher" in metrics whatever its path
+  assert single.route_key is None and single.teachers == (T.TeacherConfig("teacher", "/t"),)
   assert single.dataset == c.dataset and single.groups_per_batch == 8 and single.data_files is None
   c.teachers = [{"model_path": "/t", "route_value": "math", "checkpoint_path": ""},
                 {"model_path": "/u", "route_value": "chem"}]
