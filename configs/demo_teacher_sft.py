@@ -1,7 +1,7 @@
-"""Demo stage 1: SFT of a tiny Qwen3 teacher (4 layers, width 128) on one task kind's worked solutions.
+"""Demo stage 1: SFT of a tiny Qwen3 teacher (3 layers, width 96) on one task kind's worked solutions.
 
   python -m jopd.sft --config=configs/demo_teacher_sft.py:runs/demo,add   # after `python -m jopd.demo` made data
-The argument is `<demo workdir>,<task kind>` (add | word); ~1-2 minutes on 2 CPU cores.
+The argument is `<demo workdir>,<task kind>` (add | word); ~1 minute on 2 CPU cores (400 steps).
 """
 from jopd import config, demo_task
 

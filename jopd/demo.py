@@ -1,8 +1,5 @@
-"""`python -m jopd.demo [--workdir=DIR] [--quick]`: the whole pipeline on a CPU with tiny Qwen3 models and no
-downloads: teacher SFT -> weak student -> on-policy distillation -> routed multi-teacher, with a table and a plot.
-
-Every training stage runs the real entry point (`python -m jopd.sft`, `python -m jopd.train`) as a subprocess with
-a configs/demo_*.py config; a stage that finished in an earlier run with the same workdir is reused.
+"""`python -m jopd.demo [--workdir=DIR] [--quick]`: teacher SFT -> weak student -> OPD -> routed multi-teacher on
+tiny Qwen3 models on a CPU, each stage a real `python -m jopd.sft|train` run (docs/demo.md); finished stages reused.
 """
 from __future__ import annotations
 
@@ -27,7 +24,7 @@ class Settings:
   train_problems: int = 6000                # per kind
   eval_problems: int = 200                  # per kind, held out by their numbers
   teacher_steps: int = 400                  # per teacher
-  student_steps: int = 300
+  student_steps: int = 300                  # ~30%: OPD stalls from a student that rarely samples a right digit
   opd_steps: int = 100
   eval_every: int = 10
   vocab_size: int = 400
@@ -35,7 +32,9 @@ class Settings:
 
 
 FULL = Settings()
-QUICK = Settings(train_problems=3000, eval_problems=100, teacher_steps=150, student_steps=80, opd_steps=40)
+# Teachers need ~250 steps: held-out accuracy jumps from <10% to >50% between steps 150 and 250.
+# No evals inside the quick OPD runs: the trainer's first eval compiles ~10 s of programs.
+QUICK = Settings(eval_problems=100, teacher_steps=250, student_steps=300, opd_steps=20, eval_every=0)
 TEACHER = dict(hidden=96, layers=3, heads=4, kv_heads=2, head_dim=24, intermediate=288)
 STUDENT = dict(hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, intermediate=192)
 
@@ -81,46 +80,76 @@ def _save_model(path: str, tokenizer, shape: dict, seed: int) -> None:
 
 # ============================================================================================ stages
 
-def run_stage(name: str, log_path: str, module: str, config: str, overrides: dict, steps: int) -> float | None:
-  """Runs `python -m module --config=config --config.k=v ...` unless `log_path` holds a finished run; a progress
-  bar follows its metrics.jsonl. Returns the stage's seconds, or None when an earlier run did it."""
-  done = os.path.join(log_path, DONE)
-  if os.path.exists(done):
-    print(f"{name:<12}: reusing the finished run in {log_path}")
-    return None
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """One training run: `python -m module --config=config --config.k=v ...` writing into log_path."""
+  name: str
+  log_path: str
+  module: str
+  config: str
+  overrides: dict
+  steps: int
+
+  def command(self) -> list[str]:
+    return ([sys.executable, "-m", self.module, f"--config={self.config}"]
+            + [f"--config.{k}={v}" for k, v in self.overrides.items()])
+
+
+def run_stages(*stages: Stage) -> dict[str, float | None]:
+  """Runs the stages side by side (they do not depend on each other; tiny models leave cores idle, so two or
+  three processes finish sooner than one after another), skipping any whose log_path holds a finished run.
+  A progress bar per stage follows its metrics.jsonl. Returns seconds per stage, None where reused."""
   from tqdm import tqdm
-  os.makedirs(log_path, exist_ok=True)
-  args = [sys.executable, "-m", module, f"--config={config}"] + [f"--config.{k}={v}" for k, v in overrides.items()]
   env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
   # One CPU device per run: simulated devices (the test suite's XLA_FLAGS) would only add collectives.
   env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f)
+  seconds: dict[str, float | None] = {}
+  running = []
   t0 = time.time()
-  metrics_path = os.path.join(log_path, "metrics.jsonl")
-  with open(os.path.join(log_path, "stdout.log"), "w") as log_file, \
-      tqdm(total=steps, desc=f"{name:<12}", unit="step", dynamic_ncols=True) as bar:
-    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-    while proc.poll() is None:
+  for stage in stages:
+    if os.path.exists(os.path.join(stage.log_path, DONE)):
+      print(f"{stage.name:<12}: reusing the finished run in {stage.log_path}")
+      seconds[stage.name] = None
+      continue
+    os.makedirs(stage.log_path, exist_ok=True)
+    log_file = open(os.path.join(stage.log_path, "stdout.log"), "w")
+    proc = subprocess.Popen(stage.command(), cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    bar = tqdm(total=stage.steps, desc=f"{stage.name:<12}", unit="step", dynamic_ncols=True, position=len(running))
+    running.append((stage, proc, log_file, bar))
+  try:
+    while any(proc.poll() is None for _, proc, _, _ in running):
       time.sleep(0.5)
-      _follow(metrics_path, bar)
-    _follow(metrics_path, bar)
-  if proc.returncode != 0:
-    with open(os.path.join(log_path, "stdout.log")) as f:
-      tail = f.read()[-4000:]
-    raise RuntimeError(f"stage {name}: `{' '.join(args)}` exited with {proc.returncode}; the end of its log "
-                       f"({log_path}/stdout.log):\n{tail}")
-  seconds = time.time() - t0
-  with open(done, "w") as f:
-    json.dump({"seconds": seconds, "command": args}, f)
+      for stage, proc, _, bar in running:
+        _follow(stage, bar)
+        if proc.returncode is not None and stage.name not in seconds:
+          seconds[stage.name] = time.time() - t0
+  finally:
+    for stage, proc, log_file, bar in running:
+      if proc.poll() is None:  # another stage failed, or Ctrl-C: stop the rest (they resume on a re-run)
+        proc.terminate()
+        proc.wait()
+      _follow(stage, bar)
+      bar.close()
+      log_file.close()
+  for stage, proc, _, _ in running:
+    if proc.returncode != 0:
+      with open(os.path.join(stage.log_path, "stdout.log")) as f:
+        tail = f.read()[-4000:]
+      raise RuntimeError(f"stage {stage.name}: `{' '.join(stage.command())}` exited with {proc.returncode}; the "
+                         f"end of its log ({stage.log_path}/stdout.log):\n{tail}")
+    seconds.setdefault(stage.name, time.time() - t0)
+    with open(os.path.join(stage.log_path, DONE), "w") as f:
+      json.dump({"seconds": seconds[stage.name], "command": stage.command()}, f)
   return seconds
 
 
-def _follow(metrics_path: str, bar) -> None:
-  if not os.path.exists(metrics_path):
+def _follow(stage: Stage, bar) -> None:
+  """Moves the bar to the last step in the stage's metrics.jsonl (a half-written last line waits)."""
+  try:
+    with open(os.path.join(stage.log_path, "metrics.jsonl")) as f:
+      last = json.loads(f.read().splitlines()[-1])
+  except (OSError, IndexError, ValueError):
     return
-  records = demo_task.read_jsonl(metrics_path)
-  if not records:
-    return
-  last = records[-1]
   shown = {k.split("/")[-1]: f"{last[k]:.3g}" for k in ("teacher_kl", "train/nll", "eval/accuracy") if k in last}
   bar.set_postfix(shown, refresh=False)
   bar.update(last["step"] - bar.n)
@@ -136,7 +165,6 @@ class Evaluator:
     self.paths, self.s = paths, s
     self.cache_file = os.path.join(paths["workdir"], "accuracies.json")
     self.cache = demo_task.read_json(self.cache_file) if os.path.exists(self.cache_file) else {}
-    self.policies = {}
 
   def accuracy(self, name: str, model_dir: str, checkpoint: str, kinds=demo_task.KINDS) -> dict[str, float]:
     missing = [k for k in kinds if k not in self.cache.get(name, {})]
@@ -219,19 +247,21 @@ def _checkpoints(log_path: str) -> str:
 
 # ============================================================================================ report
 
-def plot(paths: dict, teacher_acc: dict, before: dict, out: str) -> None:
-  """Student held-out accuracy and teacher KL against OPD step, for the single- and the routed-teacher run."""
+def plot(paths: dict, teacher_acc: dict, before: dict, after: dict, routed_after: dict, out: str) -> None:
+  """Student held-out accuracy and teacher KL against OPD step, for the single- and the routed-teacher run.
+  Accuracy points: the demo's own evaluation before and after, and the trainer's `eval/accuracy` in between."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  runs = {"OPD (addition teacher)": (demo_task.read_jsonl(os.path.join(paths["opd"], "metrics.jsonl")),
-                                     before["add"], ("teacher_kl",)),
-          "routed OPD (two teachers; both kinds)": (demo_task.read_jsonl(os.path.join(paths["routed"], "metrics.jsonl")),
-                                        sum(before.values()) / len(before),
-                                        tuple(f"teacher_kl/{k}" for k in demo_task.KINDS))}
+  mean = lambda accs: sum(accs.values()) / len(accs)
+  runs = {"OPD (addition teacher)": ("opd", before["add"], after["add"], ("teacher_kl",)),
+          "routed OPD (two teachers; both kinds)": ("routed", mean(before), mean(routed_after),
+                                                    tuple(f"teacher_kl/{k}" for k in demo_task.KINDS))}
   fig, (ax_acc, ax_kl) = plt.subplots(1, 2, figsize=(11, 4))
-  for (label, (records, start, kl_keys)), color in zip(runs.items(), ("C0", "C1")):
-    evals = [(0, start)] + [(r["step"], r["eval/accuracy"]) for r in records if "eval/accuracy" in r]
+  for (label, (stage, start, end, kl_keys)), color in zip(runs.items(), ("C0", "C1")):
+    records = demo_task.read_jsonl(os.path.join(paths[stage], "metrics.jsonl"))
+    evals = [(r["step"], r["eval/accuracy"]) for r in records[:-1] if "eval/accuracy" in r]
+    evals = [(0, start)] + evals + [(records[-1]["step"], end)]
     ax_acc.plot(*zip(*evals), marker="o", color=color, label=label)
     for key, style in zip(kl_keys, ("-", "--")):
       steps, kl = zip(*[(r["step"], r[key]) for r in records if key in r])
@@ -284,22 +314,23 @@ def run(workdir: str, s: Settings) -> dict:
   config = lambda name, arg: f"{os.path.join(REPO, 'configs', name)}:{arg}"
   prepare(paths, s)
   ev = Evaluator(paths, s)
-  seconds = {}
 
-  teacher_acc = {}
-  for kind in demo_task.KINDS:
-    seconds[f"teacher_{kind}"] = run_stage(f"teacher {kind}", paths[f"teacher_{kind}"], "jopd.sft",
-                                           config("demo_teacher_sft.py", f"{workdir},{kind}"),
-                                           {"max_steps": s.teacher_steps}, s.teacher_steps)
-    teacher_acc[kind] = ev.accuracy(f"teacher_{kind}", paths["teacher_model"],
-                                    _checkpoints(paths[f"teacher_{kind}"]), (kind,))[kind]
-  seconds["student_sft"] = run_stage("student sft", paths["student_sft"], "jopd.sft",
-                                     config("demo_student_sft.py", workdir), {"max_steps": s.student_steps},
-                                     s.student_steps)
+  # Three rounds of stages that can run side by side: what each round needs comes from the rounds before.
+  seconds = run_stages(
+      *(Stage(f"teacher_{k}", paths[f"teacher_{k}"], "jopd.sft", config("demo_teacher_sft.py", f"{workdir},{k}"),
+              {"max_steps": s.teacher_steps}, s.teacher_steps) for k in demo_task.KINDS),
+      Stage("student_sft", paths["student_sft"], "jopd.sft", config("demo_student_sft.py", workdir),
+            {"max_steps": s.student_steps}, s.student_steps))
+  teacher_acc = {k: ev.accuracy(f"teacher_{k}", paths["teacher_model"], _checkpoints(paths[f"teacher_{k}"]), (k,))[k]
+                 for k in demo_task.KINDS}
   before = ev.accuracy("student_sft", paths["student_model"], _checkpoints(paths["student_sft"]))
+
   opd = {"max_steps": s.opd_steps, "eval_every": s.eval_every}
-  seconds["opd"] = run_stage("opd", paths["opd"], "jopd.train", config("demo_opd.py", workdir), opd, s.opd_steps)
+  seconds.update(run_stages(Stage("opd", paths["opd"], "jopd.train", config("demo_opd.py", workdir), opd, s.opd_steps),
+                            Stage("routed", paths["routed"], "jopd.train", config("demo_routed.py", workdir), opd,
+                                  s.opd_steps)))
   after = ev.accuracy("opd", paths["student_model"], _checkpoints(paths["opd"]), ("add",))["add"]
+  routed_after = ev.accuracy("routed", paths["student_model"], _checkpoints(paths["routed"]))
 
   # The baseline matches OPD's batch shape and the number of tokens OPD sampled from the student.
   opd_config = demo_task.read_json(os.path.join(paths["opd"], "config.json"))
@@ -309,13 +340,9 @@ def run(workdir: str, s: Settings) -> dict:
   sft = {"dataset": paths["teacher_traces"], "load_checkpoint_path": _checkpoints(paths["student_sft"]),
          "log_path": paths["sft_traces"], "batch_size": batch, "max_steps": traces // batch,
          "lr_schedule": opd_config["lr_schedule"], "warmup_steps": opd_config["warmup_steps"]}
-  seconds["sft_traces"] = run_stage("sft traces", paths["sft_traces"], "jopd.sft",
-                                    config("demo_student_sft.py", workdir), sft, traces // batch)
+  seconds.update(run_stages(Stage("sft_traces", paths["sft_traces"], "jopd.sft",
+                                  config("demo_student_sft.py", workdir), sft, traces // batch)))
   sft_acc = ev.accuracy("sft_traces", paths["student_model"], _checkpoints(paths["sft_traces"]), ("add",))["add"]
-
-  seconds["routed"] = run_stage("routed opd", paths["routed"], "jopd.train", config("demo_routed.py", workdir),
-                                opd, s.opd_steps)
-  routed_after = ev.accuracy("routed", paths["student_model"], _checkpoints(paths["routed"]))
 
   gap = teacher_acc["add"] - before["add"]
   summary = {
@@ -328,7 +355,7 @@ def run(workdir: str, s: Settings) -> dict:
       "stage_seconds": {k: v for k, v in seconds.items() if v is not None},
       "reused_stages": [k for k, v in seconds.items() if v is None], "workdir": workdir, "quick": s is QUICK,
   }
-  plot(paths, teacher_acc, before, os.path.join(workdir, "distillation.png"))
+  plot(paths, teacher_acc, before, {"add": after}, routed_after, os.path.join(workdir, "distillation.png"))
   summary["seconds"] = time.time() - t0
   demo_task.write_json(os.path.join(workdir, "summary.json"), summary)
   return summary

@@ -72,7 +72,6 @@ def test_quick_demo_distills_the_student_and_reuses_finished_stages(tmp_path):
     assert (workdir / stage / "metrics.jsonl").exists(), stage
   records = [json.loads(line) for line in (workdir / "routed" / "metrics.jsonl").read_text().splitlines()]
   assert all(r["teacher_route/add/scored"] + r["teacher_route/word/scored"] > 0 for r in records)
-  assert any("eval/accuracy" in r for r in records)
 
   # A re-run reuses every stage: no run directory is touched and the figures are the same.
   stamps = {s: (workdir / s / "metrics.jsonl").stat().st_mtime_ns for s in STAGES}
