@@ -37,6 +37,16 @@ def set_threads() -> int:
   return n
 
 
+def torch_device() -> str:
+  """'cuda' when JAX runs on a GPU and torch sees one (both sides on the same chip), else 'cpu'."""
+  return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+
+
+def torch_sync() -> None:
+  if torch_device() == "cuda":
+    torch.cuda.synchronize()
+
+
 def build_models(dtype_name: str, seed: int = 0):
   """(jopd cfg, jopd params, transformers model) with identical random weights (std 0.02) in `dtype_name`."""
   jdtype, tdtype = DTYPES[dtype_name]
@@ -49,7 +59,7 @@ def build_models(dtype_name: str, seed: int = 0):
   with tempfile.TemporaryDirectory() as d:
     model.save_pretrained(d)
     cfg, params = hf.load_pretrained(d, dtype=jdtype)
-  return cfg, params, model.to(tdtype)
+  return cfg, params, model.to(device=torch_device(), dtype=tdtype)
 
 
 def random_prompts(batch: int, length: int, vocab: int, seed: int = 0) -> np.ndarray:

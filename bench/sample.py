@@ -33,18 +33,20 @@ def run_jopd(cfg, params, prompts: np.ndarray, new_tokens: int, repeats: int):
 
 
 def run_hf(model, prompts: np.ndarray, new_tokens: int, repeats: int):
-  ids = torch.tensor(prompts)
+  ids = torch.tensor(prompts, device=model.device)
   kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, eos_token_id=None, pad_token_id=0)
   with torch.inference_mode():
     model.generate(ids, max_new_tokens=4, min_new_tokens=4, **kw)  # warm-up
     out = None
     best = float("inf")
     for _ in range(repeats):
+      common.torch_sync()
       t = time.perf_counter()
       out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
+      common.torch_sync()
       best = min(best, time.perf_counter() - t)
   assert out.shape[1] == prompts.shape[1] + new_tokens, "transformers stopped early"
-  return out[:, prompts.shape[1]:].numpy(), best
+  return out[:, prompts.shape[1]:].cpu().numpy(), best
 
 
 def main():

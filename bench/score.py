@@ -31,7 +31,7 @@ def run_jopd(cfg, params, tokens: np.ndarray, repeats: int, chunk_size: int | No
 
 
 def run_hf(model, tokens: np.ndarray, repeats: int):
-  ids = torch.tensor(tokens)
+  ids = torch.tensor(tokens, device=model.device)
 
   def call():
     logits = model(ids).logits
@@ -42,10 +42,12 @@ def run_hf(model, tokens: np.ndarray, repeats: int):
     call()  # warm-up
     best, out = float("inf"), None
     for _ in range(repeats):
+      common.torch_sync()
       t = time.perf_counter()
       out = call()
+      common.torch_sync()
       best = min(best, time.perf_counter() - t)
-  return out.numpy(), best
+  return out.cpu().numpy(), best
 
 
 def main():

@@ -25,8 +25,12 @@ num_key_value_heads head_dim hidden_act max_position_embeddings rms_norm_eps tie
 rope_parameters rope_scaling attention_bias use_sliding_window sliding_window max_window_layers layer_types
 attention_dropout initializer_range use_cache torch_dtype dtype transformers_version bos_token_id eos_token_id
 pad_token_id _name_or_path output_attentions output_hidden_states return_dict id2label label2id
-chunk_size_feed_forward is_encoder_decoder problem_type tokenizer_class
+chunk_size_feed_forward is_encoder_decoder problem_type tokenizer_class partial_rotary_factor
 """.split())
+
+
+# transformers' Qwen3Config default when config.json has no head_dim (never hidden_size / num_attention_heads).
+_HF_DEFAULT_HEAD_DIM = 128
 
 
 class UnsupportedConfigError(ValueError):
@@ -110,7 +114,12 @@ class Qwen3Config:
       rope_type = params.get("rope_type", params.get("type", "default"))
       if rope_type != "default":
         refuse(field, f"rope_type {rope_type!r} is not implemented (only 'default')")
-    theta = raw.get("rope_theta", rope.get("rope_theta"))
+    for field, params in (("partial_rotary_factor", raw), ("rope_parameters", rope)):
+      if float(params.get("partial_rotary_factor", 1.0)) != 1.0:
+        refuse(field, f"partial_rotary_factor={params['partial_rotary_factor']} is not implemented (only 1.0: "
+                      "RoPE over the whole head)")
+    # transformers reads rope_parameters first (a top-level rope_theta only fills it when it is absent).
+    theta = rope.get("rope_theta", raw.get("rope_theta"))
     if theta is None:
       refuse("rope_theta", "missing (neither rope_theta nor rope_parameters['rope_theta'] is set)")
 
@@ -129,7 +138,7 @@ class Qwen3Config:
           num_layers=int(raw["num_hidden_layers"]),
           num_heads=num_heads,
           num_kv_heads=int(raw.get("num_key_value_heads") or num_heads),
-          head_dim=int(raw.get("head_dim") or hidden // num_heads),
+          head_dim=int(raw.get("head_dim") or _HF_DEFAULT_HEAD_DIM),
           rope_theta=float(theta),
           rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
           tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),

@@ -141,6 +141,9 @@ BASE = helpers.hf_config().to_dict()
     ({"num_experts": 8}, "field 'num_experts': mixture-of-experts configs are not supported"),
     ({"layer_types": ["full_attention", "sliding_attention"]},
      "field 'layer_types': only 'full_attention' layers are implemented, got 'sliding_attention'"),
+    ({"partial_rotary_factor": 0.5}, "field 'partial_rotary_factor': partial_rotary_factor=0.5 is not implemented"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.25}},
+     "field 'rope_parameters': partial_rotary_factor=0.25 is not implemented"),
 ])
 def test_unsupported_config_fields_are_refused(change, message):
   with pytest.raises(qwen3.UnsupportedConfigError, match=re.escape(message)):
@@ -162,3 +165,16 @@ def test_rope_theta_read_from_either_place():
   nested = {k: v for k, v in BASE.items() if k != "rope_theta"} | {
       "rope_parameters": {"rope_type": "default", "rope_theta": 456.0}}
   assert qwen3.Qwen3Config.from_hf(nested).rope_theta == 456.0
+
+
+def test_defaults_and_precedence_follow_transformers():
+  """A config.json that leaves head_dim out, or sets rope_theta in both places, means what transformers reads."""
+  import transformers
+  both = BASE | {"rope_theta": 1e4, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}
+  no_head_dim = {k: v for k, v in BASE.items() if k != "head_dim"}
+  for raw in (both, no_head_dim):
+    ref = transformers.Qwen3Config.from_dict(raw)
+    cfg = qwen3.Qwen3Config.from_hf(raw)
+    assert cfg.rope_theta == ref.rope_parameters["rope_theta"]
+    assert cfg.head_dim == ref.head_dim
+  assert qwen3.Qwen3Config.from_hf(no_head_dim).head_dim != BASE["hidden_size"] // BASE["num_attention_heads"]

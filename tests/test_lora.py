@@ -73,7 +73,10 @@ def test_fresh_adapter_changes_no_logit():
   tokens = _tokens()
   base = _forward(CFG, params, tokens)
   with_ad = _forward(CFG, params, tokens, adapters=ad, lora_scale=ALL.scale)
-  np.testing.assert_array_equal(np.asarray(base), np.asarray(with_ad))
+  # Bit-exact on CPU (y + 0 == y); on a GPU the extra LoRA dots change how XLA fuses the base matmul, which moves
+  # fp32 logits by ~1e-6 (measured 1.2e-6 on an H200).
+  atol = 0.0 if jax.default_backend() == "cpu" else 2e-6
+  np.testing.assert_allclose(np.asarray(base), np.asarray(with_ad), rtol=0, atol=atol)
 
 
 @pytest.mark.parametrize("tied", [False, True])

@@ -136,4 +136,5 @@ def test_remat_policies_do_not_change_logits_or_grads():
     c = qwen3.Qwen3Config(**{**cfg.__dict__, "remat": policy})
     value, grads = jax.value_and_grad(loss)(params, c)
     np.testing.assert_allclose(value, base_loss, rtol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads, base_grads)
+    # Recomputation may reorder fp32 sums (on a GPU: 1.1e-6 on a 0.17 gradient, measured on an H200).
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), grads, base_grads)

@@ -54,9 +54,11 @@ def child() -> None:
     if (name, step) != (phase, target):
       yield
       return
+    # Announce before arming: a short delay under load can fire the timer before a later write runs.
+    sys.stderr.write(f"fault: {sig_name} in {phase} of step {step} after {delay:.3f}s\n")
+    sys.stderr.flush()
     fire = time.monotonic() + delay
     threading.Timer(delay, os.kill, (os.getpid(), sig)).start()
-    sys.stderr.write(f"fault: {sig_name} in {phase} of step {step} after {delay:.3f}s\n")
     yield
     # SIGKILL: never leave the phase alive. SIGTERM: let the handler run before the phase returns.
     time.sleep(max(0.0, fire - time.monotonic()) + (30.0 if sig == signal.SIGKILL else 0.05))
