@@ -87,7 +87,7 @@ def sft() -> ml_collections.ConfigDict:
   c.dataset = "openthoughts3"
   c.learning_rate = 1e-3
   c.lr_schedule = "linear"
-  c.batch_size = 128                        # conversations per step (packed into rows)
+  c.batch_size = 128                        # conversations per step, on average (packed into fixed rows)
   c.max_length = 16384                      # tokens per conversation (longer ones truncated)
   c.train_on = "all_assistant"              # all_assistant | last_assistant
   c.reduction = "sum"                       # sum | mean (per example)

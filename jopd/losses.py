@@ -116,30 +116,40 @@ def importance_sampling_loss(
 
 
 def cross_entropy_loss(logprobs_bt: jax.Array, weights_bt: jax.Array, reduction: CrossEntropyReduction = "sum",
-                       num_examples: jax.Array | float | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+                       num_examples: jax.Array | float | None = None, segment_ids_bt: jax.Array | None = None
+                       ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Weighted negative log-likelihood of target tokens for SFT, and its metrics.
 
   logprobs_bt: logprobs of each target token; weights_bt: its weight (1 on assistant content and
   `<|im_end|>`, 0 on prompts, headers and padding).
   reduction='sum': `sum_{b,t} w_bt * -l_bt` (the reference default; scale with batch size and length).
   reduction='mean': per example the weighted mean NLL `sum_t w -l / sum_t w`, then the mean over examples with
-    positive total weight (examples with no weighted token count for nothing). `num_examples` overrides that
-    divisor, for micro-batches whose losses are summed into one batch.
-  Metrics: `nll` (weighted mean NLL per token over the batch) and `tokens` (sum of weights).
+    positive total weight (examples with no weighted token count for nothing). An example is a row, or with
+    `segment_ids_bt` (packed rows: ids 1, 2, ... per conversation, 0 on padding) one segment of a row.
+    `num_examples` overrides the divisor, for micro-batches whose losses are summed into one batch.
+  Metrics: `nll` (weighted mean NLL per token over the batch), `nll_x_tokens` (its numerator, which
+  micro-batches add up) and `tokens` (sum of weights).
   """
   if reduction not in ("sum", "mean"):
     raise ValueError(f"jopd/losses.py cross_entropy_loss: reduction={reduction!r}; expected 'sum' or 'mean'")
   w_bt = weights_bt.astype(F32)
   nll_bt = jnp.where(w_bt != 0, -logprobs_bt.astype(F32), 0.0)
-  weighted_b = jnp.sum(w_bt * nll_bt, axis=1)
-  weight_b = jnp.sum(w_bt, axis=1)
+  weighted_nll_bt = w_bt * nll_bt
+  total_nll = jnp.sum(weighted_nll_bt)
+  total_weight = jnp.sum(w_bt)
   if reduction == "sum":
-    loss = jnp.sum(weighted_b)
+    loss = total_nll
   else:
-    per_example_b = weighted_b / jnp.where(weight_b > 0, weight_b, 1.0)
-    n = jnp.sum(weight_b > 0).astype(F32) if num_examples is None else jnp.asarray(num_examples, F32)
-    loss = jnp.sum(per_example_b) / jnp.maximum(n, 1.0)
-  total_weight = jnp.sum(weight_b)
-  metrics = jax.lax.stop_gradient({"nll": jnp.sum(weighted_b) / jnp.maximum(total_weight, 1e-9),
-                                   "tokens": total_weight})
+    if segment_ids_bt is None:
+      segment_ids_bt, num_segments = jnp.zeros(w_bt.shape, jnp.int32), 1
+    else:
+      num_segments = w_bt.shape[1] + 1  # a row of T tokens holds at most T segments, ids 1..T
+    per_segment = jax.vmap(lambda v_t, s_t: jax.ops.segment_sum(v_t, s_t, num_segments=num_segments))
+    weighted_bs = per_segment(weighted_nll_bt, segment_ids_bt)
+    weight_bs = per_segment(w_bt, segment_ids_bt)
+    per_example_bs = weighted_bs / jnp.where(weight_bs > 0, weight_bs, 1.0)
+    n = jnp.sum(weight_bs > 0).astype(F32) if num_examples is None else jnp.asarray(num_examples, F32)
+    loss = jnp.sum(per_example_bs) / jnp.maximum(n, 1.0)
+  metrics = jax.lax.stop_gradient({"nll": total_nll / jnp.maximum(total_weight, 1e-9),
+                                   "nll_x_tokens": total_nll, "tokens": total_weight})
   return loss, metrics

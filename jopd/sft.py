@@ -10,14 +10,14 @@ import logging
 import math
 import os
 import time
+from typing import Iterator, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app
 from ml_collections import config_flags
 
-from jopd import buckets, checkpoint, cli, runtime, scoring, update
+from jopd import buckets, checkpoint, cli, losses, runtime, scoring, update
 from jopd import mesh as mesh_lib
 from jopd import metrics as metrics_lib
 from jopd.data import builders, packing
@@ -54,36 +54,110 @@ def load_conversations(c, dataset: str, tokenizer, counter: SkipCounter, max_row
   return examples
 
 
-def pack_batch(examples, c, shards: int) -> dict[str, np.ndarray]:
-  """Packs one step's conversations first-fit-decreasing into rows of a bucketed length; rows padded to a
-  bucketed count. 'loss_weights' fold in the reduction: 'mean' weights each conversation's tokens by
-  1 / (its weight sum * conversations), so the summed loss is the mean of per-conversation mean NLLs."""
-  lengths = [len(ids) for ids, _ in examples]
+def batch_shape(lengths: Sequence[int], batch_size: int, shards: int) -> tuple[int, int]:
+  """(rows, seq_len) of every batch of the run, so that one train-step program is compiled: rows hold the
+  longest example (its length bucketed), and rows are the fewest multiple of the batch shards with
+  rows * seq_len >= batch_size * mean length, so that a step holds `batch_size` conversations on average (more
+  when one row per shard already holds more)."""
   seq_len = buckets.length_bucket(max(lengths))
-  order = sorted(range(len(examples)), key=lambda i: -lengths[i])
-  bins, unplaced = packing.first_fit(lengths, order, len(examples), seq_len)
-  assert not unplaced  # one bin per conversation always suffices
-  bins = [b for b in bins if b]
+  return math.ceil(batch_size * float(np.mean(lengths)) / seq_len / shards) * shards, seq_len
+
+
+def layout(examples, bins: Sequence[Sequence[int]], seq_len: int) -> dict[str, np.ndarray]:
+  """Packed rows (`bins`: indices into `examples`, one list per row) -> the arrays of sft_loss and train_step.
+
+  'num_examples' is the divisor of reduction='mean' (conversations with a weighted token in the whole batch),
+  repeated on every row so that each micro-batch of the batch divides by the same count."""
   rows = packing.pack_rows(examples, bins, seq_len)
-  num_rows = buckets.batch_bucket(len(bins), shards)
-  batch = {k: np.pad(v, ((0, num_rows - len(bins)), (0, 0))) for k, v in rows.items()}
-  weights = batch["weights_bt"]
-  if c.reduction == "mean":
-    seg = batch["segment_ids_bt"]
-    loss_weights = np.zeros_like(weights)
-    for r in range(num_rows):
-      for s in np.unique(seg[r][seg[r] > 0]):
-        sel = seg[r] == s
-        total = weights[r][sel].sum()
-        if total > 0:
-          loss_weights[r][sel] = weights[r][sel] / total / len(examples)
-  elif c.reduction == "sum":
-    loss_weights = weights
-  else:
-    raise ValueError(f"--config.reduction={c.reduction!r}; expected 'sum' or 'mean'")
-  return {"tokens": batch["tokens_bt"], "targets": batch["targets_bt"], "positions": batch["positions_bt"],
-          "segment_ids": batch["segment_ids_bt"], "attention_mask": batch["segment_ids_bt"] > 0,
-          "weights": weights, "loss_weights": loss_weights.astype(np.float32), "loss_mask": weights > 0}
+  weights, segment_ids = rows["weights_bt"], rows["segment_ids_bt"]
+  conversation_ids = np.arange(len(bins))[:, None] * (seq_len + 1) + segment_ids
+  num_examples = len(np.unique(conversation_ids[weights > 0]))
+  return {"tokens": rows["tokens_bt"], "targets": rows["targets_bt"], "positions": rows["positions_bt"],
+          "segment_ids": segment_ids, "attention_mask": segment_ids > 0, "weights": weights,
+          "loss_mask": weights > 0, "num_examples": np.full(len(bins), num_examples, np.float32)}
+
+
+class PackedBatches:
+  """Batches of one fixed [rows, seq_len] shape, packed from a stream of example indices.
+
+  `indices` yields lists of indices into `examples` (a data_pipeline.Pipeline: seeded order, resumable); they
+  go through a packing.StreamPacker, so a conversation that does not fit waits in a bounded buffer for a later
+  batch (its max_wait keeps long ones from starving). When `indices` ends, the buffer is flushed: every index
+  the stream yields is packed exactly once. The state (iterator position plus the buffered indices, lengths
+  and ages; no tokens) is JSON and resumes the exact batch sequence.
+  """
+
+  def __init__(self, examples, indices: Iterator[list[int]], rows: int, seq_len: int, *,
+               buffer_batches: float = 2.0, max_wait: int = 4):
+    self.examples, self.rows, self.seq_len = examples, rows, seq_len
+    self._indices = indices
+    self._packer = packing.StreamPacker(rows, seq_len, buffer_batches=buffer_batches, max_wait=max_wait)
+    self._exhausted = False
+
+  def __iter__(self):
+    return self
+
+  def next_bins(self) -> list[list[int]]:
+    """The next batch as `rows` lists of example indices (StopIteration once the stream and buffer are empty)."""
+    while not self._packer.ready() and not self._exhausted:
+      try:
+        chunk = next(self._indices)
+      except StopIteration:
+        self._exhausted = True
+        break
+      for i in chunk:
+        self._packer.add(int(i), len(self.examples[int(i)][0]))
+    if not len(self._packer):
+      raise StopIteration
+    return self._packer.pop()
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return layout(self.examples, self.next_bins(), self.seq_len)
+
+  def get_state(self) -> dict:
+    return {"rows": self.rows, "seq_len": self.seq_len, "indices": self._indices.get_state(),
+            "packer": self._packer.get_state()}
+
+  def set_state(self, state: dict) -> None:
+    if "packer" not in state:
+      raise ValueError("SFT data state has no packer buffer (saved before SFT batches were stream-packed); "
+                       "start a new log_path with --config.load_checkpoint_path to keep the weights only")
+    if (state["rows"], state["seq_len"]) != (self.rows, self.seq_len):
+      raise ValueError(f"SFT data state was saved with batches of rows={state['rows']}, "
+                       f"seq_len={state['seq_len']} but this run packs rows={self.rows}, seq_len={self.seq_len}; "
+                       "resume with the same dataset, max_length, batch_size and mesh")
+    for i, n in zip(state["packer"]["keys"], state["packer"]["lengths"]):
+      if not 0 <= i < len(self.examples) or len(self.examples[i][0]) != n:
+        raise ValueError(f"SFT data state buffers example {i} of length {n}, which this run's dataset "
+                         f"({len(self.examples)} conversations) does not have; resume with the same data")
+    self._indices.set_state(state["indices"])
+    self._packer.set_state(state["packer"])
+    self._exhausted = False
+
+
+def training_batches(examples, c, shards: int) -> tuple[PackedBatches, int]:
+  """The run's batches, in a seeded order over `c.num_epochs` epochs (0: forever), and its step count:
+  `c.max_steps`, else the batches of max(1, num_epochs) epochs, counted by a dry run over indices and lengths."""
+  lengths = [len(ids) for ids, _ in examples]
+  rows, seq_len = batch_shape(lengths, c.batch_size, shards)
+
+  def indices(num_epochs):
+    # One index per element, so that no epoch leaves a partial batch of conversations out.
+    return data_pipeline.Pipeline(list(range(len(examples))), groups_per_batch=1, seed=c.seed,
+                                  num_epochs=num_epochs, name=c.dataset)
+
+  total_steps = c.max_steps
+  if not total_steps:
+    dry_run = PackedBatches(examples, indices(max(1, c.num_epochs)), rows, seq_len)
+    while True:
+      try:
+        dry_run.next_bins()
+      except StopIteration:
+        break
+      total_steps += 1
+  log.info("SFT batches: %d rows x %d tokens, %.1f conversations per step on average (batch_size=%d); %d steps",
+           rows, seq_len, rows * seq_len / float(np.mean(lengths)), c.batch_size, total_steps)
+  return PackedBatches(examples, indices(c.num_epochs or None), rows, seq_len), total_steps
 
 
 def byte_lengths(tokenizer, vocab_size: int) -> np.ndarray:
@@ -98,16 +172,16 @@ def byte_lengths(tokenizer, vocab_size: int) -> np.ndarray:
 
 # ============================================================================================ loss
 
-def sft_loss(model_cfg, lora_enabled, lora_scale, trainable, frozen, mb, totals):
-  del totals  # the reduction is folded into mb['loss_weights'] on the host
+def sft_loss(model_cfg, lora_enabled, lora_scale, reduction, trainable, frozen, mb, totals):
+  del totals  # the divisor of reduction='mean' rides in mb['num_examples'] (the whole batch's count)
   params, adapters = update.model_args(trainable, frozen, lora_enabled)
   logp_bt, _ = scoring.sequence_logprobs(
       model_cfg, params, mb["tokens"], mb["attention_mask"], mb["targets"], adapters=adapters,
       lora_scale=lora_scale, positions_bt=mb["positions"], segment_ids_bt=mb["segment_ids"])
-  nll_bt = -logp_bt
-  loss = jnp.sum(nll_bt * mb["loss_weights"])
+  loss, m = losses.cross_entropy_loss(logp_bt, mb["weights"], reduction, num_examples=mb["num_examples"][0],
+                                      segment_ids_bt=mb["segment_ids"])
   # Sums (named *tokens* so micro-batches add them up); the host divides.
-  return loss, {"nll_x_tokens": jnp.sum(nll_bt * mb["weights"]), "tokens": jnp.sum(mb["weights"])}
+  return loss, {"nll_x_tokens": m["nll_x_tokens"], "tokens": m["tokens"]}
 
 
 @functools.partial(jax.jit, static_argnames=("loss_fn",))
@@ -116,10 +190,11 @@ def _eval_sums(trainable, frozen, batch, *, loss_fn):
   return m
 
 
-def evaluate_nll(examples, trainable, frozen, loss_fn, c, mesh, shards: int) -> float:
+def evaluate_nll(examples, trainable, frozen, loss_fn, mesh, rows: int) -> float:
+  """Token-weighted NLL of every example once, packed like training batches (in dataset order)."""
+  seq_len = buckets.length_bucket(max(len(ids) for ids, _ in examples))
   nll, tokens = 0.0, 0.0
-  for start in range(0, len(examples), c.batch_size):
-    batch = pack_batch(examples[start:start + c.batch_size], c, shards)
+  for batch in PackedBatches(examples, iter([[i] for i in range(len(examples))]), rows, seq_len):
     m = _eval_sums(trainable, frozen, update.put_batch(batch, mesh), loss_fn=loss_fn)
     nll, tokens = nll + float(m["nll_x_tokens"]), tokens + float(m["tokens"])
   return nll / max(tokens, 1.0)
@@ -130,6 +205,8 @@ def evaluate_nll(examples, trainable, frozen, loss_fn, c, mesh, shards: int) -> 
 def run(c) -> dict[str, float]:
   """Trains per `c`; returns the last step's metrics."""
   cli.check_config(c)
+  if c.reduction not in ("sum", "mean"):
+    raise ValueError(f"--config.reduction={c.reduction!r}; expected 'sum' or 'mean'")
   mesh_lib.initialize()
   log_path = runtime.setup_run(c, "sft")
   mesh = mesh_lib.make_mesh(c.mesh_data, c.mesh_fsdp, c.mesh_tensor)
@@ -141,9 +218,8 @@ def run(c) -> dict[str, float]:
   examples = load_conversations(c, c.dataset, student.tokenizer, counter, c.max_rows or None)
   eval_examples = (load_conversations(c, c.eval_dataset, student.tokenizer, SkipCounter(strict=c.strict),
                                       c.eval_rows or None) if c.eval_dataset else [])
-  data = data_pipeline.Pipeline(examples, groups_per_batch=min(c.batch_size, len(examples)), seed=c.seed,
-                                num_epochs=c.num_epochs or None, name=c.dataset)
-  total_steps = c.max_steps or data.batches_per_epoch * max(1, c.num_epochs)
+  data, total_steps = training_batches(examples, c, shards)
+  rows = data.rows
   lcfg = runtime.lora_config(c)
   trainable, frozen = runtime.init_trainable(c, student, mesh, init_key)
   optimizer = update.make_optimizer(c, total_steps)
@@ -156,14 +232,14 @@ def run(c) -> dict[str, float]:
   writer = metrics_lib.MetricsWriter(log_path, wandb_project=c.wandb_project or None, config=c.to_dict(),
                                      is_primary=primary, start_step=start + 1)
   bar = metrics_lib.ProgressBar(total_steps, initial=start, enabled=primary, desc="sft")
-  loss_fn = functools.partial(sft_loss, student.cfg, lcfg.enabled, lcfg.scale)
+  loss_fn = functools.partial(sft_loss, student.cfg, lcfg.enabled, lcfg.scale, c.reduction)
   bytes_per_token = byte_lengths(student.tokenizer, student.cfg.vocab_size)
   last: dict[str, float] = {}
 
   for step in range(start, total_steps):
     t0 = time.perf_counter()
     try:
-      batch = pack_batch(next(data), c, shards)
+      batch = next(data)
     except StopIteration:
       break
     micro = max(1, batch["tokens"].shape[0] // c.micro_batch_size) if c.micro_batch_size else 1
@@ -175,13 +251,14 @@ def run(c) -> dict[str, float]:
     target_bytes = float(np.sum(bytes_per_token[batch["targets"]] * batch["weights"]))
     done = step + 1
     out = {"train/nll": nll_sum / max(tokens, 1.0), "train/num_tokens": int(batch["attention_mask"].sum()),
-           "train/num_loss_tokens": tokens, "train/bits_per_byte": nll_sum / math.log(2) / max(target_bytes, 1.0),
+           "train/num_loss_tokens": tokens, "train/num_conversations": int(batch["segment_ids"].max(axis=1).sum()),
+           "train/bits_per_byte": nll_sum / math.log(2) / max(target_bytes, 1.0),
            "train/loss": float(m["loss"]), "train/grad_norm": float(m["grad_norm"]),
            "train/skipped_nonfinite": float(m["skipped_nonfinite"]),
            "data/padding_frac": packing.padding_frac({"segment_ids_bt": batch["segment_ids"]}),
            "time/step": time.perf_counter() - t0, **counter.metrics()}
     if eval_examples and c.eval_every and (done % c.eval_every == 0 or done == total_steps):
-      out["eval/nll"] = evaluate_nll(eval_examples, state["trainable"], frozen, loss_fn, c, mesh, shards)
+      out["eval/nll"] = evaluate_nll(eval_examples, state["trainable"], frozen, loss_fn, mesh, rows)
     writer.write(done, out)
     bar.update(done, out)
     last = out

@@ -168,6 +168,29 @@ def test_cross_entropy_reductions():
     losses.cross_entropy_loss(logprobs_bt, weights_bt, "token_mean")
 
 
+def test_cross_entropy_mean_over_packed_conversations():
+  # Packed rows: an example is a segment (conversation), not a row. Row 0 holds conversations of 2 and 3
+  # weighted tokens, row 1 one of 1 token and one with no weighted token (it counts for nothing), then padding.
+  logprobs_bt = np.log(np.array([[0.5, 0.25, 0.9, 0.1, 0.4, 0.7],
+                                 [0.2, 0.4, 0.6, 0.8, 0.3, 0.3]], np.float32))
+  weights_bt = np.array([[1, 1, 0, 1, 1, 1],
+                         [1, 0, 0, 0, 0, 0]], np.float32)
+  segment_ids_bt = np.array([[1, 1, 1, 2, 2, 2],
+                             [1, 1, 2, 2, 0, 0]], np.int32)
+  nll = -logprobs_bt.astype(np.float64)
+  per_conversation = [nll[0, :2].mean(), nll[0, 3:].mean(), nll[1, 0]]
+  loss, m = losses.cross_entropy_loss(logprobs_bt, weights_bt, "mean", segment_ids_bt=segment_ids_bt)
+  np.testing.assert_allclose(float(loss), np.mean(per_conversation), rtol=1e-6)
+  np.testing.assert_allclose(float(m["nll_x_tokens"]), (nll * weights_bt).sum(), rtol=1e-6)
+  # Per row it would be the mean of 2 row means, a different number.
+  by_row, _ = losses.cross_entropy_loss(logprobs_bt, weights_bt, "mean")
+  assert abs(float(by_row) - np.mean(per_conversation)) > 1e-3
+  # Micro-batches of one row each, summed, with the whole batch's conversation count as divisor.
+  split = sum(float(losses.cross_entropy_loss(logprobs_bt[r:r + 1], weights_bt[r:r + 1], "mean", num_examples=3,
+                                              segment_ids_bt=segment_ids_bt[r:r + 1])[0]) for r in range(2))
+  np.testing.assert_allclose(split, np.mean(per_conversation), rtol=1e-6)
+
+
 def test_jittable():
   w, logprobs_fn, teacher_bt = _problem()
   sampling_bt = logprobs_fn(w)

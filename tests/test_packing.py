@@ -1,5 +1,7 @@
 """Tests for jopd/data/packing.py: packed rows compute exactly what each conversation computes alone, targets
 never cross a segment boundary, and padding stays small on a reasoning-trace-like length distribution."""
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -119,28 +121,27 @@ def test_stream_packing_keeps_padding_small_and_every_example_once():
 
 
 def test_restored_packer_continues_identically():
+  # The state is JSON (keys, lengths, ages): a packer restored from it mid-stream, with examples still waiting
+  # in the buffer, emits exactly the bins the uninterrupted packer does.
   seq_len, batch_size = 256, 4
-  examples = _examples(_lognormal_lengths(120, seq_len, seed=1), seed=1)
+  lengths = _lognormal_lengths(120, seq_len, seed=1)
 
-  def run(packer, items):
+  def run(packer, keys):
     out = []
-    for tokens, weights in items:
-      packer.add(tokens, weights)
+    for key in keys:
+      packer.add(key, lengths[key])
       while packer.ready():
         out.append(packer.pop())
     return out
 
-  reference = run(packing.StreamPacker(batch_size, seq_len), examples)
+  reference = run(packing.StreamPacker(batch_size, seq_len), range(120))
   first = packing.StreamPacker(batch_size, seq_len)
-  head = run(first, examples[:70])
+  head = run(first, range(70))
   assert len(first) > 0  # the checkpoint is taken with examples waiting in the buffer
   restored = packing.StreamPacker(batch_size, seq_len)
-  restored.set_state(first.get_state())
-  resumed = head + run(restored, examples[70:])
-  assert len(resumed) == len(reference)
-  for a, b in zip(resumed, reference):
-    for key in packing.BATCH_KEYS:
-      np.testing.assert_array_equal(a[key], b[key])
+  restored.set_state(json.loads(json.dumps(first.get_state())))
+  resumed = head + run(restored, range(70, 120))
+  assert resumed == reference and len(reference) > 10
 
 
 def test_no_length_starves():
@@ -151,20 +152,18 @@ def test_no_length_starves():
   packer = packing.StreamPacker(batch_size, seq_len, buffer_batches=2.0, max_wait=2)
   arrivals_until_out = {}
   for step in range(60):
-    length = 60 if step % 10 == 3 else 70
-    packer.add(np.full(length, step, np.int32), np.ones(length, np.float32))
+    packer.add(step, 60 if step % 10 == 3 else 70)
     while packer.ready():
-      batch = packer.pop()
-      for example_id in np.unique(batch["tokens_bt"][batch["segment_ids_bt"] > 0]):
-        arrivals_until_out[int(example_id)] = step - int(example_id)
+      for example_id in (k for row in packer.pop() for k in row):
+        arrivals_until_out[example_id] = step - example_id
   assert all(s in arrivals_until_out for s in range(50)), sorted(arrivals_until_out)
   assert max(arrivals_until_out.values()) <= 8, arrivals_until_out
 
 
 def test_errors_name_the_example_and_the_limit():
   packer = packing.StreamPacker(2, 8)
-  packer.add(np.arange(3), np.ones(3))
-  with pytest.raises(ValueError, match=r"example #1.*length 9.*max_length <= 8"):
-    packer.add(np.arange(9), np.ones(9))
+  packer.add(0, 3)
+  with pytest.raises(ValueError, match=r"example 7, arrival #1.*length 9.*max_length <= 8"):
+    packer.add(7, 9)
   with pytest.raises(ValueError, match=r"example #1.*equal length"):
-    packer.add(np.arange(4), np.ones(3))
+    list(packing.pack_stream([(np.arange(3), np.ones(3)), (np.arange(4), np.ones(3))], 2, 8))

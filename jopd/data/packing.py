@@ -3,7 +3,7 @@ segment ids, positions restarting per segment and next-token targets that never 
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -43,9 +43,9 @@ def first_fit(lengths: Sequence[int], order: Sequence[int], num_bins: int, capac
   return bins, unplaced
 
 
-def pack_rows(examples: Sequence[tuple[np.ndarray, np.ndarray]], bins: Sequence[Sequence[int]], seq_len: int,
-              pad_id: int = 0) -> Batch:
-  """Lays out `bins` (lists of indices into `examples`, one list per row) as a [len(bins), seq_len] batch.
+def pack_rows(examples: Sequence[tuple[np.ndarray, np.ndarray]] | Mapping[int, tuple[np.ndarray, np.ndarray]],
+              bins: Sequence[Sequence[int]], seq_len: int, pad_id: int = 0) -> Batch:
+  """Lays out `bins` (lists of keys of `examples`, one list per row) as a [len(bins), seq_len] batch.
 
   The shift: an example's `weights[i]` is the loss weight of token i *as a target* (what `render_sft` returns),
   and the loss at position p predicts the token at p + 1. Where position p holds token i of a segment,
@@ -79,16 +79,17 @@ def pack_rows(examples: Sequence[tuple[np.ndarray, np.ndarray]], bins: Sequence[
 
 
 class StreamPacker:
-  """Streaming first-fit-decreasing packer with a bounded buffer.
+  """Streaming first-fit-decreasing packer over example keys, with a bounded buffer.
 
-  `add` examples; once the buffer holds `buffer_batches` batches' worth of tokens, `pop` returns one
-  [batch_size, seq_len] batch: buffered examples are placed longest first into `batch_size` empty rows, and
+  `add(key, length)` buffers an example (the caller keeps its tokens; a key is e.g. its index in a list); once
+  the buffer holds `buffer_batches` batches' worth of tokens, `pop` returns one batch as `batch_size` bins (the
+  keys of each row, in layout order; a bin may be empty): buffered examples are placed longest first, and
   whatever does not fit stays for the next batch. An example passed over `max_wait` times is placed before all
-  others (in arrival order) so that no length starves. Output depends only on the order of `add` calls.
+  others (in arrival order) so that no length starves. Output depends only on the order of `add` calls; the
+  state is a small JSON dict of keys, lengths and ages (no tokens), checkpointable with the data iterator.
   """
 
-  def __init__(self, batch_size: int, seq_len: int, *, buffer_batches: float = 2.0, max_wait: int = 4,
-               pad_id: int = 0):
+  def __init__(self, batch_size: int, seq_len: int, *, buffer_batches: float = 2.0, max_wait: int = 4):
     if batch_size < 1 or seq_len < 2:
       raise ValueError(f"StreamPacker: batch_size={batch_size}, seq_len={seq_len}; expected batch_size >= 1 "
                        "and seq_len >= 2")
@@ -96,81 +97,87 @@ class StreamPacker:
       raise ValueError(f"StreamPacker: buffer_batches={buffer_batches}; expected >= 1.0 (a batch's worth of "
                        "tokens must be buffered before packing it)")
     self.batch_size, self.seq_len = batch_size, seq_len
-    self.buffer_batches, self.max_wait, self.pad_id = buffer_batches, max_wait, pad_id
-    self._examples: list[tuple[np.ndarray, np.ndarray]] = []
+    self.buffer_batches, self.max_wait = buffer_batches, max_wait
+    self._keys: list[int] = []
+    self._lengths: list[int] = []
     self._ages: list[int] = []
     self._arrivals: list[int] = []
     self._next_arrival = 0
     self._buffered_tokens = 0
 
-  def add(self, token_ids, weights) -> None:
-    tokens = np.asarray(token_ids, np.int32)
-    weights = np.asarray(weights, np.float32)
-    where = f"StreamPacker.add (example #{self._next_arrival})"
-    if tokens.ndim != 1 or tokens.shape != weights.shape:
-      raise ValueError(f"{where}: token_ids {tokens.shape} and weights {weights.shape} must be 1-D and of "
-                       "equal length")
-    if not 1 <= len(tokens) <= self.seq_len:
-      raise ValueError(f"{where}: length {len(tokens)}; expected 1..seq_len={self.seq_len} (render with "
-                       f"max_length <= {self.seq_len})")
-    self._examples.append((tokens, weights))
+  def add(self, key: int, length: int) -> None:
+    if not 1 <= length <= self.seq_len:
+      raise ValueError(f"StreamPacker.add (example {key}, arrival #{self._next_arrival}): length {length}; "
+                       f"expected 1..seq_len={self.seq_len} (render with max_length <= {self.seq_len})")
+    self._keys.append(int(key))
+    self._lengths.append(int(length))
     self._ages.append(0)
     self._arrivals.append(self._next_arrival)
     self._next_arrival += 1
-    self._buffered_tokens += len(tokens)
+    self._buffered_tokens += int(length)
 
   def __len__(self) -> int:
-    return len(self._examples)
+    return len(self._keys)
 
   def ready(self) -> bool:
     """True once enough tokens are buffered that a packed batch is unlikely to be short of fillers."""
     return self._buffered_tokens >= self.buffer_batches * self.batch_size * self.seq_len
 
-  def pop(self) -> Batch:
-    """Packs one batch from the buffer (rows may be partly or wholly padding when the buffer is short)."""
-    lengths = [len(t) for t, _ in self._examples]
+  def pop(self) -> list[list[int]]:
+    """Bins of one batch from the buffer (rows may be partly or wholly empty when the buffer is short)."""
     overdue = [i for i, age in enumerate(self._ages) if age >= self.max_wait]
-    rest = sorted((i for i, age in enumerate(self._ages) if age < self.max_wait), key=lambda i: -lengths[i])
-    bins, unplaced = first_fit(lengths, overdue + rest, self.batch_size, self.seq_len)
-    batch = pack_rows(self._examples, bins, self.seq_len, self.pad_id)
+    rest = sorted((i for i, age in enumerate(self._ages) if age < self.max_wait), key=lambda i: -self._lengths[i])
+    bins, unplaced = first_fit(self._lengths, overdue + rest, self.batch_size, self.seq_len)
+    out = [[self._keys[i] for i in row] for row in bins]
     keep = sorted(unplaced)  # back to arrival order, so the next pop sees the same order on a restored packer
-    self._examples = [self._examples[i] for i in keep]
+    self._keys = [self._keys[i] for i in keep]
+    self._lengths = [self._lengths[i] for i in keep]
     self._ages = [self._ages[i] + 1 for i in keep]
     self._arrivals = [self._arrivals[i] for i in keep]
-    self._buffered_tokens = sum(lengths[i] for i in keep)
-    return batch
+    self._buffered_tokens = sum(self._lengths)
+    return out
 
-  def get_state(self) -> dict[str, np.ndarray]:
-    """The buffer as flat arrays (a pytree of numpy arrays, checkpointable with the data iterator)."""
-    lengths = np.array([len(t) for t, _ in self._examples], np.int32)
-    concat = lambda parts, dtype: np.concatenate(parts).astype(dtype) if parts else np.zeros((0,), dtype)
-    return {"tokens": concat([t for t, _ in self._examples], np.int32),
-            "weights": concat([w for _, w in self._examples], np.float32),
-            "lengths": lengths, "ages": np.array(self._ages, np.int32),
-            "arrivals": np.array(self._arrivals, np.int64), "next_arrival": np.array(self._next_arrival)}
+  def get_state(self) -> dict[str, Any]:
+    return {"keys": list(self._keys), "lengths": list(self._lengths), "ages": list(self._ages),
+            "arrivals": list(self._arrivals), "next_arrival": self._next_arrival}
 
   def set_state(self, state: dict[str, Any]) -> None:
-    offsets = np.concatenate([[0], np.cumsum(state["lengths"])]).astype(np.int64)
-    tokens, weights = np.asarray(state["tokens"], np.int32), np.asarray(state["weights"], np.float32)
-    self._examples = [(tokens[a:b], weights[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
-    self._ages = [int(a) for a in state["ages"]]
-    self._arrivals = [int(a) for a in state["arrivals"]]
+    fields = ("keys", "lengths", "ages", "arrivals")
+    if len({len(state[f]) for f in fields}) != 1:
+      raise ValueError(f"StreamPacker.set_state: {', '.join(fields)} must be lists of equal length, got "
+                       f"{[len(state[f]) for f in fields]}")
+    self._keys, self._lengths, self._ages, self._arrivals = ([int(x) for x in state[f]] for f in fields)
     self._next_arrival = int(state["next_arrival"])
-    self._buffered_tokens = int(offsets[-1])
+    self._buffered_tokens = sum(self._lengths)
 
 
 def pack_stream(examples: Iterable[tuple[Any, Any]], batch_size: int, seq_len: int, *,
                 buffer_batches: float = 2.0, max_wait: int = 4, pad_id: int = 0,
                 drop_remainder: bool = False) -> Iterator[Batch]:
-  """Packs an iterable of (token_ids, weights) into [batch_size, seq_len] batches. At the end the buffer is
-  flushed into final batches, which are mostly padding; `drop_remainder` drops those instead."""
-  packer = StreamPacker(batch_size, seq_len, buffer_batches=buffer_batches, max_wait=max_wait, pad_id=pad_id)
-  for token_ids, weights in examples:
-    packer.add(token_ids, weights)
+  """Packs an iterable of (token_ids, weights) into [batch_size, seq_len] batches (a StreamPacker keyed by
+  arrival). At the end the buffer is flushed into final batches, which are mostly padding; `drop_remainder`
+  drops those instead."""
+  packer = StreamPacker(batch_size, seq_len, buffer_batches=buffer_batches, max_wait=max_wait)
+  waiting: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+  def pop() -> Batch:
+    bins = packer.pop()
+    batch = pack_rows(waiting, bins, seq_len, pad_id)
+    for key in (k for row in bins for k in row):
+      del waiting[key]
+    return batch
+
+  for key, (token_ids, weights) in enumerate(examples):
+    tokens, weights = np.asarray(token_ids, np.int32), np.asarray(weights, np.float32)
+    if tokens.ndim != 1 or tokens.shape != weights.shape:
+      raise ValueError(f"pack_stream (example #{key}): token_ids {tokens.shape} and weights {weights.shape} "
+                       "must be 1-D and of equal length")
+    packer.add(key, len(tokens))
+    waiting[key] = (tokens, weights)
     while packer.ready():
-      yield packer.pop()
+      yield pop()
   while len(packer) and not drop_remainder:
-    yield packer.pop()
+    yield pop()
 
 
 def pad_rows(examples: Sequence[tuple[Any, Any]], seq_len: int, pad_id: int = 0) -> Batch:
