@@ -241,15 +241,6 @@ def all_teachers(specs: Sequence[DatasetTeachers]) -> tuple[TeacherConfig, ...]:
   return tuple(seen.values())
 
 
-def group_by_base_model(teachers: Sequence[TeacherConfig]) -> dict[str, list[str]]:
-  """model_path -> names of the teachers built on it, so its base weights are loaded once; each teacher's own
-  `checkpoint_path` (adapter or weights) is applied on top by the loader."""
-  groups: dict[str, list[str]] = {}
-  for t in teachers:
-    groups.setdefault(t.model_path, []).append(t.name)
-  return groups
-
-
 def route(row: Mapping[str, Any], teachers: Sequence[TeacherConfig], route_key: str = DEFAULT_ROUTE_KEY
           ) -> TeacherConfig:
   """The one teacher whose `route_value` equals `row[route_key]` exactly (no blending, no normalisation).

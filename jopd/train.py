@@ -221,6 +221,34 @@ def score_with_teachers(examples, completions, teachers, mesh) -> list[np.ndarra
   return out
 
 
+def substep_slices(rows: int, num_substeps: int) -> list[slice]:
+  """`num_substeps` consecutive, disjoint, non-empty slices covering `rows` rows, sizes within one of each other."""
+  if not 1 <= num_substeps <= rows:
+    raise ValueError(f"--config.num_substeps={num_substeps} for a step of {rows} sampled rows; expected 1 to "
+                     f"{rows} (each substep updates on its own slice of the step's samples)")
+  bounds = [s * rows // num_substeps for s in range(num_substeps + 1)]
+  return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def update_on_samples(state, frozen, prompts, completions, sampling_lps, teacher_lps, c, *, loss_fn, optimizer,
+                      mesh, shards: int) -> tuple[dict, dict[str, list[float]]]:
+  """`c.num_substeps` sequential updates, each on the next slice of the sampled batch (substep_slices): the first
+  at the sampling policy (importance ratios 1), later ones at params the earlier substeps moved. Returns the state
+  with new trainable / opt_state and each train_step metric's per-substep values."""
+  step_metrics: dict[str, list[float]] = {}
+  for sl in substep_slices(len(prompts), c.num_substeps):
+    rows = buckets.batch_bucket(sl.stop - sl.start, shards)
+    batch = build_batch(prompts[sl], completions[sl], sampling_lps[sl], teacher_lps[sl], c, shards,
+                        rows=update.local_rows(mesh, rows))
+    new_trainable, new_opt, m = update.train_step(
+        state["trainable"], state["opt_state"], frozen, update.put_batch(batch, mesh, global_rows=rows),
+        loss_fn=loss_fn, optimizer=optimizer, num_micro=update.num_micro_batches(rows, c.micro_batch_size))
+    state = dict(state, trainable=new_trainable, opt_state=new_opt)
+    for name, v in distributed.fetch(m).items():
+      step_metrics.setdefault(name, []).append(float(v))
+  return state, step_metrics
+
+
 # ============================================================================================ main loop
 
 class _Preemption:
@@ -251,6 +279,7 @@ def run(c) -> dict[str, float]:
   with jax.sharding.use_mesh(mesh) if hasattr(jax.sharding, "use_mesh") else _nullcontext():
     student = runtime.load_model(c.model_name, c, mesh, tokenizer_path=c.tokenizer_path)
     specs = teachers_lib.dataset_teachers_from_config(c)
+    substep_slices(sum(s.groups_per_batch for s in specs) * c.group_size, c.num_substeps)  # refuse at start-up
     teachers = load_teachers(c, specs, student, mesh)
     counter = SkipCounter(strict=c.strict)
     data = load_data(c, specs, student, teachers, counter)
@@ -297,22 +326,9 @@ def run(c) -> dict[str, float]:
         teacher_lps = score_with_teachers(group, result.tokens, teachers, mesh)
         t2 = time.perf_counter()
 
-        step_metrics: dict[str, Any] = {}
-        k = c.num_substeps
-        per = -(-len(group) // k)
-        for s in range(k):
-          sl = slice(s * per, (s + 1) * per)
-          rows = buckets.batch_bucket(len(group[sl]), shards)
-          mine = update.local_rows(mesh, rows)
-          batch = build_batch([ex["prompt_ids"] for ex in group[sl]], result.tokens[sl], result.logprobs[sl],
-                              teacher_lps[sl], c, shards, rows=mine)
-          micro = max(1, rows // c.micro_batch_size) if c.micro_batch_size else 1
-          new_trainable, new_opt, m = update.train_step(
-              state["trainable"], state["opt_state"], frozen, update.put_batch(batch, mesh, global_rows=rows),
-              loss_fn=loss_fn, optimizer=optimizer, num_micro=micro)
-          state = dict(state, trainable=new_trainable, opt_state=new_opt)
-          for name, v in distributed.fetch(m).items():
-            step_metrics.setdefault(name, []).append(float(v))
+        state, step_metrics = update_on_samples(
+            state, frozen, [ex["prompt_ids"] for ex in group], result.tokens, result.logprobs, teacher_lps, c,
+            loss_fn=loss_fn, optimizer=optimizer, mesh=mesh, shards=shards)
         state["rng"] = jax.random.key_data(rng)
         t3 = time.perf_counter()
 

@@ -37,6 +37,13 @@ def make_optimizer(c, total_steps: int) -> optax.GradientTransformation:
   return optax.chain(*parts)
 
 
+def num_micro_batches(rows: int, micro_batch_size: int) -> int:
+  """The fewest micro-batches of at most `micro_batch_size` rows (0: no limit) that split `rows` evenly."""
+  if micro_batch_size <= 0 or rows <= micro_batch_size:
+    return 1
+  return next(n for n in range(-(-rows // micro_batch_size), rows + 1) if rows % n == 0)
+
+
 def _split_micro(batch: dict, num_micro: int) -> dict:
   def split(x):
     if x.shape[0] % num_micro:
@@ -45,37 +52,42 @@ def _split_micro(batch: dict, num_micro: int) -> dict:
   return jax.tree.map(split, batch)
 
 
-def _sum_metrics(a: dict, b: dict) -> dict:
-  return jax.tree.map(jnp.add, a, b)
-
-
 @functools.partial(jax.jit, static_argnames=("loss_fn", "optimizer", "num_micro"),
                    donate_argnames=("trainable", "opt_state"))
 def train_step(trainable, opt_state, frozen, batch: dict, *, loss_fn: LossFn,
                optimizer: optax.GradientTransformation, num_micro: int = 1):
   """One optimizer update over `batch` (arrays with a leading row axis; 'loss_mask' [B, T] counts tokens).
 
-  Returns (trainable, opt_state, metrics). Metrics: the loss_fn's (averaged over micro-batches, except counts
-  named '*tokens*', which are summed), `loss`, `grad_norm`, `skipped_nonfinite` (1.0 when the update was not
-  applied because the loss or gradient norm was not finite)."""
+  Returns (trainable, opt_state, metrics). Metrics: the loss_fn's (per-token means, so micro-batches are
+  averaged weighted by their 'loss_mask' token counts; counts named '*tokens*' are summed), `loss`, `grad_norm`,
+  `skipped_nonfinite` (1.0 when the update was not applied because the loss or gradient norm was not finite)."""
   totals = {"tokens": jnp.sum(batch["loss_mask"].astype(F32)),
             "examples": jnp.sum(jnp.any(batch["loss_mask"], axis=-1)).astype(F32)}
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if num_micro == 1:
     (loss, metrics), grads = grad_fn(trainable, frozen, batch, totals)
   else:
+    # Losses and gradients add up; per-token metrics (means over each micro-batch's tokens) are averaged
+    # weighted by those token counts, so they equal the whole batch's whatever the split (a micro-batch of
+    # padding rows weighs nothing).
+    def weighted(mb, l, m, g):
+      w = jnp.sum(mb["loss_mask"].astype(F32))
+      return l, {k: v if "tokens" in k else w * v for k, v in m.items()}, g
+
     micro = _split_micro(batch, num_micro)
     first = jax.tree.map(lambda x: x[0], micro)
     (loss, metrics), grads = grad_fn(trainable, frozen, first, totals)
+    carry = weighted(first, loss, metrics, grads)
 
     def accumulate(carry, mb):
       (l, m), g = grad_fn(trainable, frozen, mb, totals)
-      return jax.tree.map(jnp.add, carry, (l, m, g)), None
+      return jax.tree.map(jnp.add, carry, weighted(mb, l, m, g)), None
 
     rest = jax.tree.map(lambda x: x[1:], micro)
-    (loss, metrics, grads), _ = jax.lax.scan(accumulate, (loss, metrics, grads), rest)
-    metrics = {k: v if "tokens" in k else v / num_micro for k, v in metrics.items()}
-  grad_norm = optax.global_norm(grads)
+    (loss, metrics, grads), _ = jax.lax.scan(accumulate, carry, rest)
+    z = jnp.maximum(totals["tokens"], 1.0)
+    metrics = {k: v if "tokens" in k else v / z for k, v in metrics.items()}
+  grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, new_opt_state = optimizer.update(grads, opt_state, trainable)
   new_trainable = optax.apply_updates(trainable, updates)

@@ -1,6 +1,7 @@
-"""Tests for jopd/teachers.py: config validation and defaults, routing, base-model grouping, the tokenizer
-compatibility check and env parsing."""
+"""Tests for jopd/teachers.py: config validation and defaults, routing, the tokenizer compatibility check, env
+parsing and configs/routed.py reading it."""
 import json
+import os
 
 import ml_collections
 import pytest
@@ -10,6 +11,8 @@ import transformers
 from jopd import teachers as T
 from jopd.data.rows import RowError
 from jopd.data.tokenizer import train_tokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TEXTS_A = ["the cat sat on the mat", "two plus two is four", "Final: 42"] * 20
 TEXTS_B = ["zebra quartz vexing jumps", "xylophone yak yodel", "Final: 7"] * 20
@@ -73,9 +76,9 @@ def test_dataset_modes_and_configdict_input():
   # Single-teacher mode ignores route keys entirely.
   assert specs[0].teacher_for({"teacher": "nonsense"}).name == "math"
   assert specs[1].teacher_for({"teacher": "chem"}).name == "chem"
-  # The same teacher used by two datasets is one teacher; two teachers on /big share its base weights.
+  # The same teacher used by two datasets is one teacher (test_train checks that teachers on one base model
+  # share its weights).
   assert [t.name for t in T.all_teachers(specs)] == ["math", "chem"]
-  assert T.group_by_base_model(T.all_teachers(specs)) == {"/big": ["math", "chem"]}
 
 
 def test_dataset_config_errors():
@@ -216,3 +219,23 @@ def test_from_run_config_all_three_modes():
   c.datasets, c.teacher_model = [], ""
   with pytest.raises(T.TeacherConfigError, match="config.teacher_model: expected a teacher model path"):
     T.dataset_teachers_from_config(c)
+
+
+def test_routed_config_takes_teachers_and_route_key_from_the_environment(monkeypatch):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("routed_cfg", os.path.join(REPO, "configs", "routed.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  for var in T.TEACHERS_ENV + T.ROUTE_KEY_ENV:
+    monkeypatch.delenv(var, raising=False)
+  default = module.get_config()
+  assert [t["route_value"] for t in default.teachers] == ["math-teacher", "arithmetic-teacher"]
+  assert default.route_key == "teacher"
+  monkeypatch.setenv("DISTILLATION_TEACHERS", "/ckpts/a, /ckpts/b")
+  monkeypatch.setenv("DISTILLATION_TEACHER_ROUTE_KEY", "expert")
+  c = module.get_config()
+  assert [t["model_path"] for t in c.teachers] == ["/ckpts/a", "/ckpts/b"]
+  assert c.route_key == "expert"
+  # Each path is its own route value (its model name when route_value is unset).
+  specs = T.dataset_teachers_from_config(c)
+  assert specs[0].teacher_for({"expert": "/ckpts/b"}).model_path == "/ckpts/b"

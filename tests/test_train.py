@@ -1,9 +1,11 @@
-"""jopd/train.py end to end on tiny models: outputs, exact resume after SIGKILL, learning signal, routing,
-multi-dataset batches, tokenizer refusal and counted bad rows."""
+"""jopd/train.py end to end on tiny models: outputs, exact resume after SIGKILL, learning signal, routing, in-run
+evals, multi-dataset batches, tokenizer refusal and counted bad rows; in-process: teachers sharing base weights
+and num_substeps' sequential updates."""
 import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -93,15 +95,32 @@ def _write_config(path, body: str) -> str:
   return str(path)
 
 
-def test_routed_run_scores_each_row_with_its_teacher_and_counts_bad_rows(world, tmp_path):
+def test_routed_run_scores_each_row_with_its_teacher_counts_bad_rows_and_evals(world, tmp_path):
   student, teachers, data = _routed_world(world, tmp_path)
   cfg = _write_config(tmp_path / "routed_cfg.py", f"c.teachers = {teachers!r}\nc.groups_per_batch = 4\n"
                       "c.group_size = 1")
   log = tmp_path / "routed_run"
-  tiny_world.run_module("jopd.train", cfg, {"model_name": student, "dataset": data, "log_path": str(log)})
+  # In-run evals every 2 steps (and at the last): rows with expected_answer, each routed to its teacher.
+  evals = data_utils.write_jsonl(tmp_path / "eval.jsonl", [
+      data_utils.prompt_row(f"What is {i} + 2?", teacher="alpha" if i % 2 else "beta", expected_answer=str(i + 2))
+      for i in range(3)] + [data_utils.prompt_row("no answer", teacher="alpha")])
+  tiny_world.run_module("jopd.train", cfg, {"model_name": student, "dataset": data, "log_path": str(log),
+                                            "max_steps": 3, "num_epochs": 0, "eval_dataset": evals,
+                                            "eval_every": 2})
   records = metrics_lib.read_metrics(log / "metrics.jsonl")
-  scored = sum(r["teacher_route/alpha/scored"] + r["teacher_route/beta/scored"] for r in records)
-  assert scored == 8 and all("teacher_kl/alpha" in r or "teacher_kl/beta" in r for r in records)
+  assert [r["step"] for r in records] == [1, 2, 3]
+  # The first two steps of 4 are one epoch of the 8 good rows: odd rows route to alpha, even rows to beta.
+  assert sum(r.get("teacher_route/alpha/scored", 0) for r in records[:2]) == 4
+  assert sum(r.get("teacher_route/beta/scored", 0) for r in records[:2]) == 4
+  for r in records:
+    assert r.get("teacher_route/alpha/scored", 0) + r.get("teacher_route/beta/scored", 0) == 4, r
+  assert all("teacher_kl/alpha" in r or "teacher_kl/beta" in r for r in records)
+  assert [r["step"] for r in records if "eval/accuracy" in r] == [2, 3]
+  for r in records[1:]:
+    assert 0.0 <= r["eval/accuracy"] <= 1.0 and r["eval/samples"] == 3, r
+    assert r["eval/rows"] == 3 and r["eval/skipped/no_expected_answer"] == 1, r
+    # Greedy samples of the student scored by perturbed teachers: a clearly positive KL.
+    assert np.isfinite(r["eval/teacher_kl"]) and r["eval/teacher_kl"] > 0.01, r
   last = records[-1]
   assert last["data/skipped/missing_route"] == 1
   assert last["data/skipped/unknown_route"] == 1
@@ -140,6 +159,32 @@ def test_privileged_context_scoring_matches_direct_token_logprobs(world, tmp_pat
     other = teachers["alpha" if ex["teacher"] == "beta" else "beta"]
     wrong = scoring.token_logprobs(other.model.cfg, other.params, [ex["teacher_ids"]], [completion])[0]
     assert np.abs(wrong - got).max() > 1e-3  # scored by its own teacher, not the other one
+
+
+def test_teachers_on_one_base_model_share_one_copy_of_its_weights(world, tmp_path):
+  from jopd import config as config_lib, export, mesh as mesh_lib, runtime
+  from models import lora
+  student_dir, teachers_raw, _ = _routed_world(world, tmp_path)
+  c = config_lib.opd()
+  c.param_dtype, c.remat, c.teacher_model = "float32", "none", ""
+  mesh = mesh_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  student = runtime.load_model(student_dir, c, mesh)
+  # A PEFT adapter on alpha's base model: another teacher (own route value and adapter), same base weights.
+  lcfg = lora.LoraConfig(rank=4)
+  adapters = jax.tree_util.tree_map_with_path(lambda p, x: x + 0.1 if p[-1].key == "b" else x,
+                                              lora.init_adapters(student.cfg, lcfg, jax.random.key(3)))
+  adapter_dir = str(tmp_path / "alpha_adapter")
+  export.save_peft(adapter_dir, student.cfg, lcfg, adapters, teachers_raw[0]["model_path"])
+  c.teachers = teachers_raw + [
+      {"name": "alpha2", "model_path": teachers_raw[0]["model_path"], "route_value": "alpha2"},
+      {"name": "alpha_lora", "model_path": teachers_raw[0]["model_path"], "route_value": "alpha_lora",
+       "checkpoint_path": adapter_dir}]
+  teachers = train.load_teachers(c, train.teachers_lib.dataset_teachers_from_config(c), student, mesh)
+  alpha = teachers["alpha"].params
+  assert teachers["alpha2"].params is alpha and teachers["alpha_lora"].params is alpha
+  assert teachers["alpha_lora"].adapters is not None and teachers["alpha"].adapters is None
+  assert teachers["beta"].params is not alpha  # another model_path: its own weights
+  assert not np.array_equal(teachers["beta"].params["embed"], alpha["embed"])
 
 
 def test_multi_dataset_batches_take_groups_per_batch_from_each(world, tmp_path):
@@ -182,3 +227,61 @@ def test_standalone_eval_grades_rows_and_measures_teacher_kl(world, tmp_path):
   proc = tiny_world.run_module("jopd.eval", "configs/tiny_opd.py", {
       "model_name": world["student"], "teacher_model": world["teacher"], "dataset": data, "eval_dataset": data})
   assert json.loads(proc.stdout[proc.stdout.index("{"):])["eval/teacher_kl"] > 0.1
+
+
+def test_substep_slices_are_disjoint_nonempty_and_cover_the_batch():
+  for rows, k in [(4, 2), (5, 2), (5, 4), (7, 7), (16, 3)]:
+    slices = train.substep_slices(rows, k)
+    covered = [i for sl in slices for i in range(rows)[sl]]
+    assert covered == list(range(rows)) and len(slices) == k, (rows, k)
+    sizes = [sl.stop - sl.start for sl in slices]
+    assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1, (rows, k, sizes)
+  with pytest.raises(ValueError, match=r"--config.num_substeps=3 for a step of 2 sampled rows; expected 1 to 2"):
+    train.substep_slices(2, 3)
+
+
+def test_num_substeps_updates_on_each_half_in_turn_with_later_ratios_off_one():
+  import functools
+  from jopd import config as config_lib, update
+  from models import lora, qwen3
+  cfg = qwen3.Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                          num_kv_heads=2, head_dim=8)
+  params = qwen3.init_params(cfg, jax.random.key(0), std=0.2)
+  lcfg = lora.LoraConfig(rank=4)
+  adapters = lora.init_adapters(cfg, lcfg, jax.random.key(1))
+  c = config_lib.opd()
+  c.num_substeps, c.learning_rate = 2, 1e-2
+  rng = np.random.default_rng(0)
+  prompts = [rng.integers(1, cfg.vocab_size, 4 + i).astype(np.int32) for i in range(4)]
+  completions = [rng.integers(1, cfg.vocab_size, 6 - i).astype(np.int32) for i in range(4)]
+  # The student's own logprobs of its "samples" (jopd.sampler's agree to 1e-6; scoring compiles faster).
+  sampling_lps = scoring.token_logprobs(cfg, params, prompts, completions, adapters=adapters,
+                                        lora_scale=lcfg.scale)
+  teacher_lps = [ls - rng.uniform(0.2, 1.0, len(ls)).astype(np.float32) for ls in sampling_lps]
+  loss_fn = functools.partial(train.opd_loss, cfg, True, lcfg.scale, 1.0, 20.0, "sum", 8)
+  optimizer = update.make_optimizer(c, 10)
+  fresh = lambda: jax.tree.map(jnp.copy, adapters)  # train_step donates its state
+
+  start = fresh()
+  state, m = train.update_on_samples({"trainable": start, "opt_state": optimizer.init(start)}, params, prompts,
+                                     completions, sampling_lps, teacher_lps, c, loss_fn=loss_fn,
+                                     optimizer=optimizer, mesh=None, shards=1)
+  assert len(m["loss"]) == 2
+  # The same two updates by hand, on rows [0, 2) and then [2, 4).
+  a = fresh()
+  opt, by_hand = optimizer.init(a), []
+  for sl in (slice(0, 2), slice(2, 4)):
+    batch = train.build_batch(prompts[sl], completions[sl], sampling_lps[sl], teacher_lps[sl], c, 1)
+    a, opt, mh = update.train_step(a, opt, params, update.put_batch(batch, None), loss_fn=loss_fn,
+                                   optimizer=optimizer, num_micro=1)
+    by_hand.append(float(mh["loss"]))
+  np.testing.assert_allclose(m["loss"], by_hand, rtol=1e-6)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-9), state["trainable"], a)
+  # Substep 1 runs at the sampling policy: ratio 1 and loss = the half's summed sampled reverse KL. Substep 2
+  # runs after substep 1's update: ratios off 1, and the loss off its half's KL.
+  kl = [sum(float(np.sum(ls - lt)) for ls, lt in zip(sampling_lps[sl], teacher_lps[sl]))
+        for sl in (slice(0, 2), slice(2, 4))]
+  np.testing.assert_allclose(m["loss"][0], kl[0], rtol=1e-4)
+  assert m["ratio/mean"][0] == pytest.approx(1.0, abs=1e-5)
+  assert abs(m["ratio/mean"][1] - 1.0) > 1e-3, m["ratio/mean"]
+  assert abs(m["loss"][1] - kl[1]) > 1e-3 * abs(kl[1]), (m["loss"], kl)
