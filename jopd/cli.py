@@ -15,9 +15,14 @@ import traceback
 from typing import Callable, NoReturn, Sequence
 
 from absl import app, flags
+from ml_collections import config_flags
 
 USAGE_EXIT_CODE = 2
 NONFINITE_EXIT_CODE = 3
+
+# The one --config flag of every entry point (train, sft, eval, plan): absl refuses a flag defined twice in one
+# process, and tests import several entry points.
+CONFIG_FLAG = config_flags.DEFINE_config_file("config", None, "Run config file (configs/*.py).", lock_config=True)
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _OWN_DIRS = tuple(os.path.join(_REPO, d) + os.sep for d in ("jopd", "models"))

@@ -144,7 +144,7 @@ def workload(c, student: qwen3.Qwen3Config, teacher: qwen3.Qwen3Config, shards: 
   full = buckets.length_bucket(int(c.max_prompt_tokens) + int(c.max_tokens))
   score_rows = buckets.batch_bucket(rows, shards)
   train_rows = buckets.batch_bucket(-(-rows // int(c.num_substeps)), shards)
-  micro = max(1, train_rows // int(c.micro_batch_size)) if c.micro_batch_size else 1
+  micro = update.num_micro_batches(train_rows, int(c.micro_batch_size))
   return Workload(
       student=student, teacher=teacher, lora=runtime.lora_config(c), param_dtype=runtime.param_dtype(c.param_dtype),
       sample=memory.SampleShape(sample_rows, prompt, new),

@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app
-from ml_collections import config_flags
 
 from jopd import buckets, checkpoint, cli, distributed, losses, runtime, sampler, scoring, update
 from jopd import teachers as teachers_lib
@@ -34,7 +33,7 @@ log = logging.getLogger("jopd")
 # Exit status after a SIGTERM (preemption) was answered with a checkpoint; launchers restart on it.
 PREEMPTED_EXIT_CODE = 42
 
-CONFIG_FLAG = config_flags.DEFINE_config_file("config", None, "Run config file (configs/*.py).", lock_config=True)
+CONFIG_FLAG = cli.CONFIG_FLAG
 
 
 # ============================================================================================ teachers
