@@ -571,6 +571,6 @@ def test_scripts_pass_shellcheck():
   if shellcheck is None:
     pytest.skip("shellcheck is not installed (Debian/Ubuntu: apt-get install -y shellcheck); "
                 "the launch scripts were not linted")
-  scripts = [TPU_POD, XPK, SBATCH, LAUNCH / "common.sh"]
+  scripts = [TPU_POD, XPK, SBATCH, LAUNCH / "common.sh", LAUNCH.parent / "bench" / "device_check.sh"]
   res = _run([shellcheck, "--external-sources", "--severity=style", *scripts])
   assert res.returncode == 0, res.stdout + res.stderr

@@ -213,11 +213,12 @@ def test_killed_process_ends_the_run_and_a_restart_resumes(two_process_run):
 
 
 def test_four_processes_match_one_process(world, tmp_path):
-  """Fewer steps than the two-process case: the cost is compiling in four processes, not the steps."""
-  single = _overrides(world, tmp_path / "single", max_steps=2)
+  """Four processes of 2 devices against one process of 8, 3 steps each (the cost is compiling in four processes,
+  not the steps)."""
+  single = _overrides(world, tmp_path / "single", max_steps=3)
   reference = single_process(8, single)
-  multi = _overrides(world, tmp_path / "multi", max_steps=2)
+  multi = _overrides(world, tmp_path / "multi", max_steps=3)
   wait_all(launch(4, multi), multi)
   wait_all([reference], single)
-  assert_same_run(multi["log_path"], single["log_path"], [1, 2])
-  assert_only_process_0_wrote(multi["log_path"], [1, 2])
+  assert_same_run(multi["log_path"], single["log_path"], [1, 2, 3])
+  assert_only_process_0_wrote(multi["log_path"], [1, 2, 3])

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import pytest
 
-from jopd import checkpoint
+from jopd import checkpoint, cli
 from jopd import metrics as metrics_lib
 from jopd import train
 from models import hf
@@ -263,7 +263,7 @@ def test_consecutive_nonfinite_steps_stop_the_run_with_the_last_good_checkpoint_
   poison = _poisoned_teacher(world, tmp_path / "poison")
   proc = _run("configs/tiny_opd.py", _overrides(world, log, teacher_model=poison, save_every=1,
                                                 max_consecutive_nonfinite=1), check=False)
-  assert proc.returncode != 0
+  assert proc.returncode == cli.NONFINITE_EXIT_CODE == 3, proc.stderr[-3000:]
   assert ("2 consecutive steps with a non-finite loss or gradient (max_consecutive_nonfinite=1); stopping with "
           f"the last good checkpoint intact in {log}/checkpoints") in proc.stderr, proc.stderr[-3000:]
   assert "jax/_src" not in proc.stderr[proc.stderr.rfind("Traceback"):]  # raised by the host loop, not in a jit
