@@ -1,6 +1,6 @@
 """Soak bench (by hand: `python -m bench.soak [--steps=300]`, a few minutes on a laptop CPU): a demo-sized OPD run
-whose resident memory must stay flat: RSS after the last step within 5% of RSS after step 50 (issue 10);
-exits 1 when it is not.
+whose resident memory must not grow: RSS after the last step at most 5% above RSS after step 50 (issue 10);
+exits 1 when it grew more.
 
 The run is `jopd.train.run` in this process on configs/demo_opd.py (the demo's OPD stage) with fresh random
 student and teacher and demo prompts. RSS (psutil) is read right after each step's metrics are written; a point
@@ -100,7 +100,8 @@ def main():
   first, last = _median(rss, FIRST), _median(rss, args.steps)
   later = sorted(s for s in rss if s >= FIRST)
   slope = float(np.polyfit(later, [rss[s] for s in later], 1)[0]) * 100
-  ok = abs(last / first - 1.0) <= TARGET - 1.0  # within 5% either way
+  # A leak is growth: memory that falls after warm-up (allocators returning compile and first-save buffers) passes.
+  ok = last / first <= TARGET
   print(json.dumps({"bench": "soak", "ratio": round(last / first, 4), "target": TARGET,
                     "unit": f"rss(step {args.steps}) / rss(step {FIRST}), medians of {WINDOW} steps",
                     "config": os.path.relpath(args.config, REPO), "steps": args.steps,
@@ -110,7 +111,7 @@ def main():
                     "slope_mb_per_100_steps": round(slope, 2), "ok": ok}), flush=True)
   if not ok:
     raise SystemExit(f"soak: RSS at step {args.steps} is {last / first:.3f}x step {FIRST}'s; expected within "
-                     f"{TARGET - 1:.0%} either way")
+                     f"at most {TARGET:.2f}x")
 
 
 def _median(rss: dict[int, float], step: int) -> float:
