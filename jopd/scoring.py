@@ -45,8 +45,8 @@ def logits(params, h_btd, *, adapters=None, lora_scale=1.0):
   return out_btv
 
 
-def _chunk_stats(params, adapters, lora_scale, temperature, h_bcd, targets_bc):
-  logits_bcv = tempered(logits(params, h_bcd, adapters=adapters, lora_scale=lora_scale), temperature)
+def _chunk_stats(head_dv, adapter, lora_scale, temperature, h_bcd, targets_bc):
+  logits_bcv = tempered(qwen3.head_logits(h_bcd, head_dv, adapter, lora_scale), temperature)
   lse_bc = jax.nn.logsumexp(logits_bcv, axis=-1)
   target_bc = jnp.take_along_axis(logits_bcv, targets_bc[..., None], axis=-1)[..., 0]
   # Entropy = lse - E_p[logit]; p is recomputed from the same block, so it costs one extra reduction.
@@ -68,7 +68,11 @@ def logprobs_from_hidden(params, h_btd, targets_bt, *, adapters=None, lora_scale
     targets_bt = jnp.pad(targets_bt, ((0, 0), (0, n * c - t)))
   h_nbcd = h_btd.reshape(b, n, c, d).swapaxes(0, 1)
   targets_nbc = targets_bt.reshape(b, n, c).swapaxes(0, 1)
-  stats = jax.checkpoint(functools.partial(_chunk_stats, params, adapters, lora_scale, temperature))
+  # The [D, V] head is taken once per call (for a tied head, one transposed copy of the embedding), outside
+  # the chunk loop, so the 2 x n_chunks matmuls over it read the layout they want.
+  head_dv = qwen3.lm_head(params)
+  adapter = None if adapters is None else adapters.get("lm_head")
+  stats = jax.checkpoint(functools.partial(_chunk_stats, head_dv, adapter, lora_scale, temperature))
   logp_nbc, entropy_nbc = jax.lax.map(lambda xs: stats(*xs), (h_nbcd, targets_nbc))
   unchunk = lambda x_nbc: x_nbc.swapaxes(0, 1).reshape(b, n * c)[:, :t]
   return unchunk(logp_nbc), unchunk(entropy_nbc)

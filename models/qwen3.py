@@ -7,6 +7,7 @@ drives init, sharding rules and checkpoint conversion.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -235,9 +236,35 @@ def _size(shape):
 # --------------------------------------------------------------------------------------------------------------
 # Building blocks.
 
-def _dot(eq: str, x, w):
-  """einsum with fp32 accumulation, result in x's dtype (bf16 on accelerators; ~2.5x faster on CPU too)."""
-  return jnp.einsum(eq, x, w, preferred_element_type=F32).astype(x.dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
+def _dot(eq: str, x, w, out_dtype=None):
+  """einsum with fp32 accumulation, result in `out_dtype` (default x's dtype: bf16 on accelerators, and ~2.5x
+  faster on CPU too).
+
+  The backward runs in the operands' dtypes as well. Autodiff of the fp32-accumulating einsum + cast would upcast
+  the cotangent and the weight to fp32 and run both gradient matmuls in fp32 (2-3x slower than bf16 on CPU).
+  The cotangent is rounded to x's dtype first: exact when the output has x's dtype (the cotangent then carries no
+  more bits), and the usual mixed-precision rounding when the output is wider (fp32 attention scores and logits
+  of bf16 operands: FlashAttention rounds dS the same way, and a bf16 PyTorch model's logits are bf16 already).
+  With fp32 operands nothing is rounded: the gradients equal autodiff's up to fp32 summation order."""
+  return jnp.einsum(eq, x, w, preferred_element_type=F32).astype(out_dtype or x.dtype)
+
+
+def _dot_fwd(eq, x, w, out_dtype):
+  return _dot(eq, x, w, out_dtype), (x, w)
+
+
+def _dot_bwd(eq, out_dtype, res, ct):
+  x, w = res
+  ins, out = eq.split("->")
+  a, b = ins.split(",")
+  ct = ct.astype(jnp.promote_types(x.dtype, w.dtype))  # fp32 when either operand is (LoRA factors)
+  dx = jnp.einsum(f"{out},{b}->{a}", ct, w, preferred_element_type=F32).astype(x.dtype)
+  dw = jnp.einsum(f"{a},{out}->{b}", x, ct, preferred_element_type=F32).astype(w.dtype)
+  return dx, dw
+
+
+_dot.defvjp(_dot_fwd, _dot_bwd)
 
 
 def rms_norm(x, weight, eps):
@@ -260,16 +287,24 @@ def rope(x_bthd, positions_bt, theta: float):
   return x_bthd * cos + rotated * sin
 
 
+# Added to masked attention scores: exp() of it is 0, and |scores| << 1e30 so the sum never overflows.
+_MASKED = -1e30
+
+
 def attention(q_bthd, k_bskd, v_bskd, mask_bts):
   """Grouped-query attention without repeating K/V: query heads are grouped per KV head. Softmax in fp32."""
   b, t, h, dh = q_bthd.shape
   kv = k_bskd.shape[2]
-  q_btkgd = q_bthd.reshape(b, t, kv, h // kv, dh)
-  scores = jnp.einsum("btkgd,bskd->bkgts", q_btkgd, k_bskd, preferred_element_type=F32) * dh**-0.5
-  scores = jnp.where(mask_bts[:, None, None], scores, jnp.finfo(F32).min)
+  # Queries as [B, KV, G, T, Dh], so the scores come out of the dot as [B, KV, G, T, S] (with [B, T, KV, G, Dh]
+  # queries XLA:CPU transposed every scores tensor, in the forward and again in the backward).
+  q_bkgtd = q_bthd.reshape(b, t, kv, h // kv, dh).transpose(0, 2, 3, 1, 4)
+  scores = _dot("bkgtd,bskd->bkgts", q_bkgtd, k_bskd, F32) * dh**-0.5
+  # An additive mask: its backward passes the scores' cotangent through, where a select would be materialised
+  # over [B, KV, G, T, S] in the forward, the rematerialised forward and the backward.
+  scores = scores + jnp.where(mask_bts, 0.0, _MASKED)[:, None, None]
   probs = jax.nn.softmax(scores, axis=-1).astype(v_bskd.dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v_bskd, preferred_element_type=F32).astype(q_bthd.dtype)
-  return out.reshape(b, t, h, dh)
+  out_bkgtd = _dot("bkgts,bskd->bkgtd", probs, v_bskd).astype(q_bthd.dtype)
+  return out_bkgtd.transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh)
 
 
 def _project(x, w, adapter, scale, eq: str, eq_a: str, eq_b: str):
@@ -372,12 +407,15 @@ def lm_head(params: Params):
 
 def logits_from_hidden(params, h_btd, *, adapters=None, lora_scale: float = 1.0):
   """Logits in fp32 (the matmul accumulates in fp32 whatever the weight dtype)."""
-  w = lm_head(params)
-  logits = jnp.einsum("btd,dv->btv", h_btd, w, preferred_element_type=F32)
-  adapter = None if adapters is None else adapters.get("lm_head")
+  return head_logits(h_btd, lm_head(params), None if adapters is None else adapters.get("lm_head"), lora_scale)
+
+
+def head_logits(h_btd, w_dv, adapter=None, lora_scale: float = 1.0):
+  """fp32 logits h @ W [D, V] (+ the LoRA term); see `_dot` for the backward's rounding."""
+  logits = _dot("btd,dv->btv", h_btd, w_dv, F32)
   if adapter is not None:
     low = _dot("btd,dr->btr", h_btd, adapter["a"])
-    logits = logits + jnp.einsum("btr,rv->btv", low, adapter["b"], preferred_element_type=F32) * lora_scale
+    logits = logits + _dot("btr,rv->btv", low, adapter["b"], F32) * lora_scale
   return logits
 
 
