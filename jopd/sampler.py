@@ -224,7 +224,7 @@ def _prefill(cfg, params, adapters, lora_scale, tokens_bt, mask_bt, live_b, rng,
   if mesh is not None:
     cache = jax.tree.map(_constrain, cache, _cache_shardings(cfg, mesh, False))
   logits_bv, cache = qwen3.prefill(cfg, params, tokens_bt, mask_bt, cache, adapters=adapters,
-                                   lora_scale=lora_scale)
+                                   lora_scale=lora_scale, unrolled=unrolled)
   if unrolled:  # one copy into per-layer [B, KV, S, Dh] buffers, which decode updates and reads in place
     per_layer = lambda kv: tuple(x.swapaxes(1, 2) for x in _unstack(kv, cfg.num_layers))
     cache = dict(cache, k=per_layer(cache["k"]), v=per_layer(cache["v"]))

@@ -47,11 +47,14 @@ def logits(params, h_btd, *, adapters=None, lora_scale=1.0):
 
 def _chunk_stats(head_dv, adapter, lora_scale, temperature, h_bcd, targets_bc):
   logits_bcv = tempered(qwen3.head_logits(h_bcd, head_dv, adapter, lora_scale), temperature)
-  lse_bc = jax.nn.logsumexp(logits_bcv, axis=-1)
+  # logsumexp written out so its exp() serves the entropy too: one pass of exp over [B, C, V], not two.
+  max_bc1 = jax.lax.stop_gradient(jnp.max(logits_bcv, axis=-1, keepdims=True))
+  exp_bcv = jnp.exp(logits_bcv - max_bc1)
+  sum_bc1 = jnp.sum(exp_bcv, axis=-1, keepdims=True)
+  lse_bc = (max_bc1 + jnp.log(sum_bc1))[..., 0]
   target_bc = jnp.take_along_axis(logits_bcv, targets_bc[..., None], axis=-1)[..., 0]
-  # Entropy = lse - E_p[logit]; p is recomputed from the same block, so it costs one extra reduction.
-  probs_bcv = jnp.exp(logits_bcv - lse_bc[..., None])
-  entropy_bc = lse_bc - jnp.sum(probs_bcv * logits_bcv, axis=-1)
+  # Entropy = lse - E_p[logit].
+  entropy_bc = lse_bc - jnp.sum(exp_bcv * logits_bcv, axis=-1) / sum_bc1[..., 0]
   return target_bc - lse_bc, entropy_bc
 
 

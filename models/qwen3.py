@@ -354,7 +354,14 @@ _REMAT_POLICIES: dict[str, Callable | None] = {
 }
 
 
-def _scan_layers(cfg, body, carry, xs):
+def _scan_layers(cfg, body, carry, xs, unrolled: bool = False):
+  """`lax.scan` of body over the stacked layers (remat per `cfg.remat`), or with `unrolled` (inference only) a
+  Python loop over per-layer slices: XLA:CPU ran the scanned prefill's matmuls in fp32, converting every stacked
+  weight on each call."""
+  if unrolled:
+    for i in range(cfg.num_layers):
+      carry, _ = body(carry, jax.tree.map(lambda x: x[i], xs))
+    return carry, None
   policy = _REMAT_POLICIES[cfg.remat]
   if cfg.remat != "none":
     body = jax.checkpoint(body, policy=policy, prevent_cse=False)
@@ -442,9 +449,10 @@ def init_cache(cfg: Qwen3Config, batch: int, max_len: int, dtype=jnp.float32) ->
 
 
 def prefill(cfg: Qwen3Config, params: Params, tokens_bt, attention_mask_bt, cache, *, adapters=None,
-            lora_scale: float = 1.0):
+            lora_scale: float = 1.0, unrolled: bool = False):
   """Runs the prompt batch (any padding), writes its K/V to cache slots [0, T), and returns the fp32 logits of
-  each row's last real token [B, V] and the cache."""
+  each row's last real token [B, V] and the cache. `unrolled`: loop over the layers in Python (see
+  `_scan_layers`)."""
   b, t = tokens_bt.shape
   mask_bt = attention_mask_bt.astype(bool)
   positions_bt = positions_from_mask(mask_bt)
@@ -462,7 +470,7 @@ def prefill(cfg: Qwen3Config, params: Params, tokens_bt, attention_mask_bt, cach
   x = params["embed"][tokens_bt]
   layer_ids = jnp.arange(cfg.num_layers)
   (x, k_cache, v_cache), _ = _scan_layers(
-      cfg, body, (x, cache["k"], cache["v"]), (params["layers"], _layer_adapters(adapters), layer_ids))
+      cfg, body, (x, cache["k"], cache["v"]), (params["layers"], _layer_adapters(adapters), layer_ids), unrolled)
   last_b = jnp.max(jnp.where(mask_bt, jnp.arange(t), 0), axis=-1)
   h_bd = rms_norm(x[jnp.arange(b), last_b], params["final_norm"], cfg.rms_norm_eps)
   logits = logits_from_hidden(params, h_bd[:, None], adapters=adapters, lora_scale=lora_scale)[:, 0]
