@@ -347,10 +347,19 @@ def _qkv(cfg, x, positions_bt, lp, la, scale):
   return rope(q, positions_bt, cfg.rope_theta), rope(k, positions_bt, cfg.rope_theta), v
 
 
+def _dots_saveable(prim, *avals, **params) -> bool:
+  """`jax.checkpoint_policies.dots_with_no_batch_dims_saveable`, seeing through `_dot`'s custom VJP: the
+  output of a matmul without batch dims is saved (projections, the head), attention's batched ones are not."""
+  if prim.name == "custom_vjp_call":
+    eqns = params["call_jaxpr"].jaxpr.eqns
+    return any(jax.checkpoint_policies.dots_with_no_batch_dims_saveable(e.primitive, **e.params) for e in eqns)
+  return jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *avals, **params)
+
+
 _REMAT_POLICIES: dict[str, Callable | None] = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots": _dots_saveable,
 }
 
 
