@@ -158,7 +158,12 @@ def prefill(cfg, lcfg, shape: SampleShape, dtype, mesh=None, *, cpu: bool = Fals
   kv = kv_cache_bytes(cfg, shape.batch, p + shape.max_new, dtype, mesh)
   tok, scores = b * p, b * d.H * p * p
   act = max(4 * tok * d.F * 4 + 2 * tok * d.D * 4 + 2 * scores * 4, _sampling_temps(b, d))
-  cpu_copies = (cfg.num_layers * _layer_weight_elems(d) * 4 + (kv if unrolled else 0)) if cpu else 0
+  # XLA:CPU: the scanned prefill upcasts the stacked layer weights to fp32; the unrolled one (the sampler's CPU
+  # path) copies each layer's bf16 weight slices, in the same temporary space where it later builds the cache
+  # before writing the output (so the larger of the two).
+  copies = max(kv, cfg.num_layers * _layer_weight_elems(d) * d.a) if unrolled else (
+      cfg.num_layers * _layer_weight_elems(d) * 4)
+  cpu_copies = copies if cpu else 0
   return _total({"weights": param_bytes(cfg, dtype, mesh), "adapters": adapter_bytes(cfg, lcfg, mesh),
                  "inputs": b * p * 5, "kv_cache": kv, "outputs": b * shape.max_new * 8, "activations": act,
                  "cpu_copies": cpu_copies})
@@ -194,23 +199,26 @@ def score(cfg, shape: ScoreShape, dtype, mesh=None, *, cpu: bool = False, lcfg: 
 
 
 def _residuals_per_token(cfg, d: _Dims, lcfg, remat: str, cpu: bool) -> tuple[float, float]:
-  """(bytes per token, bytes per attention-score element) one layer saves for the backward pass."""
+  """(bytes per token, bytes per attention-score element) one layer saves for the backward pass. The XLA:CPU
+  factors were fitted to its buffer assignment of the bench model's train step (docs/memory.md)."""
   r = lcfg.rank * len(lcfg.targets) if lcfg.enabled else 0
-  if remat == "full":      # the layer input only
+  if remat == "full":      # the layer input only (XLA:CPU also keeps an fp32 copy of it)
     return d.D * d.a * (3 if cpu else 1), 0.0
   proj = d.H * d.Dh + 2 * d.K * d.Dh + 2 * d.D + 2 * d.F + r      # outputs of the weight matmuls
-  if remat == "dots":
-    return d.D * d.a + proj * d.a * (3 if cpu else 1), 0.0
+  if remat == "dots":      # XLA:CPU also keeps fp32 and relaid-out copies of most of them
+    return d.D * d.a + proj * d.a * (3.8 if cpu else 1), 0.0
   # 'none': every intermediate, attention probabilities in fp32 and bf16 (and an fp32 copy on CPU).
   per_token = (2 * d.D + d.H * d.Dh + d.K * d.Dh) * 4 + (2 * d.D + 2 * d.H * d.Dh + 2 * d.K * d.Dh + 6 * d.F + r) * d.a
   if cpu:
     per_token = 26 * d.D + 24 * d.F
-  return per_token, (10.0 if cpu else 6.0)
+  return per_token, (9.0 if cpu else 6.0)
 
 
 def train_step(cfg, lcfg, shape: TrainShape, dtype, mesh=None, *, cpu: bool = False):
   """jopd.update.train_step with the OPD loss: weights, fp32 trainable leaves, Adam moments, the batch, gradients,
-  saved activations (per the remat policy) and the larger of the vocab-chunk and layer-backward working sets."""
+  saved activations (per the remat policy) and the larger of two phases' working sets: the vocab chunks of the
+  loss (forward and backward), or one layer's backward (on XLA:CPU with fp32 copies of the frozen layer weights,
+  which it makes for the backward pass only)."""
   full_ft = not lcfg.enabled
   act_dtype = jnp.float32 if full_ft else dtype
   d = _dims(cfg, act_dtype, mesh)
@@ -221,9 +229,12 @@ def train_step(cfg, lcfg, shape: TrainShape, dtype, mesh=None, *, cpu: bool = Fa
   per_tok, per_score = _residuals_per_token(cfg, d, lcfg, cfg.remat, cpu)
   saved = cfg.num_layers * (tok * per_tok + scores * per_score)
   logits = 2 * b * min(shape.logits_chunk, t) * d.V * 4 + tok * d.D * 4
-  layer = 13 * scores + 26 * tok * d.F
+  layer = 7 * scores + 26 * tok * d.F
+  layer_copies = cfg.num_layers * _layer_weight_elems(d) * 4 if cpu and not full_ft else 0
+  backward_wins = layer + layer_copies > logits
   grads = trainable * (2 if shape.num_micro > 1 else 1)
-  cpu_copies = (cfg.num_layers * _layer_weight_elems(d) * 4 + d.V * d.D * 4) if cpu and not full_ft else 0
+  head_copies = _lm_head_copies(cfg, d, cpu) if not full_ft else 0
   return _total({"weights": 0 if full_ft else param_bytes(cfg, dtype, mesh), "trainable": trainable,
                  "opt_state": 2 * trainable, "inputs": rows * t * 18, "grads": grads, "saved_activations": saved,
-                 "activations": max(logits, layer), "cpu_copies": cpu_copies})
+                 "activations": layer if backward_wins else logits,
+                 "cpu_copies": head_copies + (layer_copies if backward_wins else 0)})
