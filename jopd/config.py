@@ -66,6 +66,7 @@ def opd() -> ml_collections.ConfigDict:
   c.groups_per_batch = 1024                 # prompts per step
   c.max_tokens = 4096                       # completion length limit
   c.max_prompt_tokens = 1024                # longer prompts are skipped (data/skipped/prompt_too_long)
+  c.precompile = False                      # compile every length bucket before step 1 (then no compiles)
   c.temperature = 1.0                       # sampling temperature (the trainer's logprobs use it too)
   c.top_p = 1.0                             # 1: off
   c.top_k = 0                               # 0: off

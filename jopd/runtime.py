@@ -92,15 +92,22 @@ def setup_run(c, name: str) -> str:
 
 class _CompileStats:
   """Counts persistent compilation cache lookups (jax.monitoring events) of this process, so a restarted run
-  can show that it loaded its programs instead of compiling them."""
-  hits = misses = 0
+  can show that it loaded its programs instead of compiling them, and every XLA compilation (a backend-compile
+  duration event each), so a run can show that nothing recompiles after warm-up."""
+  hits = misses = compiled = 0
   _installed = False
 
   @classmethod
   def install(cls):
     if not cls._installed:
       jax.monitoring.register_event_listener(cls._on_event)
+      jax.monitoring.register_event_duration_secs_listener(cls._on_duration)
       cls._installed = True
+
+  @classmethod
+  def _on_duration(cls, event: str, duration: float, **_):
+    if event == "/jax/core/compile/backend_compile_duration":
+      cls.compiled += 1
 
   @classmethod
   def _on_event(cls, event: str, **_):
@@ -113,8 +120,10 @@ class _CompileStats:
 def compile_stats() -> dict[str, int]:
   """`compile/cache_hits` (programs loaded from the persistent cache) and `compile/cache_misses` (programs
   compiled) of this process since it started; after a restart misses stay 0 unless a new shape appears (programs
-  faster to compile than jax_persistent_cache_min_compile_time_secs are never cached)."""
-  return {"compile/cache_hits": _CompileStats.hits, "compile/cache_misses": _CompileStats.misses}
+  faster to compile than jax_persistent_cache_min_compile_time_secs are never cached); `compile/xla_compiles`
+  counts every program XLA compiled in this process (cache hits excluded), small host-side ones included."""
+  return {"compile/cache_hits": _CompileStats.hits, "compile/cache_misses": _CompileStats.misses,
+          "compile/xla_compiles": _CompileStats.compiled}
 
 
 def log_compile_stats(when: str) -> None:

@@ -282,6 +282,27 @@ def sample(cfg: qwen3.Qwen3Config, params, prompts: Sequence[Sequence[int]], *, 
   per call (a second copy of the layer weights while decoding) and loops over them in Python with per-layer
   [B, KV, S, Dh] K/V buffers, which XLA:CPU runs several times faster because it copies a scanned weight slice
   that feeds a dot every token; 'auto' picks 'unrolled' on CPU, else 'scan'."""
+  return _sample(cfg, params, prompts, adapters=adapters, lora_scale=lora_scale, max_new_tokens=max_new_tokens,
+                 temperature=temperature, top_k=top_k, top_p=top_p, stop_token_ids=stop_token_ids, rng=rng,
+                 mesh=mesh, layer_loop=layer_loop, live=True)
+
+
+def warm_up(cfg: qwen3.Qwen3Config, params, *, rows: int, prompt_len: int, adapters=None,
+            lora_scale: float = 1.0, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
+            top_p: float = 1.0, stop_token_ids: Sequence[int] = (), rng: jax.Array, mesh: Mesh | None = None,
+            layer_loop: str = "auto") -> None:
+  """Compiles the prefill and decode programs that `sample` with these arguments would use for `rows` prompts
+  of `prompt_len` tokens, and runs them once with every row already finished: one prefill over padding, no
+  decode step, nothing returned. A run calls it for each prompt-length bucket it can reach, so that later
+  steps never compile."""
+  _sample(cfg, params, [[0] * prompt_len] * rows, adapters=adapters, lora_scale=lora_scale,
+          max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+          stop_token_ids=stop_token_ids, rng=rng, mesh=mesh, layer_loop=layer_loop, live=False)
+
+
+def _sample(cfg, params, prompts, *, adapters, lora_scale, max_new_tokens, temperature, top_k, top_p,
+            stop_token_ids, rng, mesh, layer_loop, live: bool) -> SampleResult | None:
+  """`sample` (live=True) or `warm_up` (live=False: every row starts finished, nothing is returned)."""
   if not prompts:
     raise ValueError("sample: prompts is empty; expected at least one token-id list")
   if max_new_tokens < 1:
@@ -311,7 +332,7 @@ def sample(cfg: qwen3.Qwen3Config, params, prompts: Sequence[Sequence[int]], *, 
   prompt_len = buckets.length_bucket(max(len(p) for p in prompts))
   max_len = buckets.length_bucket(max_new_tokens)
   tokens_bt, mask_bt = buckets.pad_rows(prompts, batch, prompt_len, left=True)
-  live_b = np.arange(batch) < len(prompts)
+  live_b = (np.arange(batch) < len(prompts)) & live
   # Stop ids padded with -1 (never a token) to a fixed size, so their number does not change the program.
   stop_ids = np.full((buckets.length_bucket(len(stop), minimum=4),), -1, np.int32)
   stop_ids[:len(stop)] = stop
@@ -323,6 +344,9 @@ def sample(cfg: qwen3.Qwen3Config, params, prompts: Sequence[Sequence[int]], *, 
   state = _prefill(cfg, params, adapters, scale, tokens_bt, mask_bt, live_b, rng, sp, stop_ids, max_new,
                    cache_len=prompt_len + max_len, max_len=max_len, mesh=mesh, unrolled=unrolled)
   final = _decode(cfg, params, adapters, scale, state, sp, stop_ids, max_new, mesh=mesh, unrolled=unrolled)
+  if not live:
+    jax.block_until_ready(final)
+    return None
   # A collective in a multi-process run: every host gets the global results.
   tokens_bn, logprobs_bn, length_b, stopped_b = distributed.fetch(
       (final.tokens_bn, final.logprobs_bn, final.length_b, final.stopped_b))

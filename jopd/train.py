@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app
+from tqdm import tqdm
 
 from jopd import buckets, checkpoint, cli, distributed, losses, runtime, sampler, scoring, update
 from jopd import teachers as teachers_lib
@@ -236,16 +237,70 @@ def update_on_samples(state, frozen, prompts, completions, sampling_lps, teacher
   with new trainable / opt_state and each train_step metric's per-substep values."""
   step_metrics: dict[str, list[float]] = {}
   for sl in substep_slices(len(prompts), c.num_substeps):
-    rows = buckets.batch_bucket(sl.stop - sl.start, shards)
-    batch = build_batch(prompts[sl], completions[sl], sampling_lps[sl], teacher_lps[sl], c, shards,
-                        rows=update.local_rows(mesh, rows))
-    new_trainable, new_opt, m = update.train_step(
-        state["trainable"], state["opt_state"], frozen, update.put_batch(batch, mesh, global_rows=rows),
-        loss_fn=loss_fn, optimizer=optimizer, num_micro=update.num_micro_batches(rows, c.micro_batch_size))
-    state = dict(state, trainable=new_trainable, opt_state=new_opt)
+    state, m = _substep(state, frozen, prompts[sl], completions[sl], sampling_lps[sl], teacher_lps[sl], c,
+                        loss_fn=loss_fn, optimizer=optimizer, mesh=mesh, shards=shards, apply=True)
     for name, v in distributed.fetch(m).items():
       step_metrics.setdefault(name, []).append(float(v))
   return state, step_metrics
+
+
+def _substep(state, frozen, prompts, completions, sampling_lps, teacher_lps, c, *, loss_fn, optimizer, mesh,
+             shards: int, apply: bool):
+  """One train_step on all the rows given; `apply=False` (warm-up) leaves the state bit-identical."""
+  rows = buckets.batch_bucket(len(prompts), shards)
+  batch = build_batch(prompts, completions, sampling_lps, teacher_lps, c, shards,
+                      rows=update.local_rows(mesh, rows))
+  new_trainable, new_opt, m = update.train_step(
+      state["trainable"], state["opt_state"], frozen, update.put_batch(batch, mesh, global_rows=rows),
+      distributed.replicated(np.asarray(apply), mesh), loss_fn=loss_fn, optimizer=optimizer,
+      num_micro=update.num_micro_batches(rows, c.micro_batch_size))
+  return dict(state, trainable=new_trainable, opt_state=new_opt), m
+
+
+def precompile(c, student, teachers, state, frozen, lcfg, *, rows: int, eos, loss_fn, optimizer, mesh,
+               shards: int) -> tuple[dict, int]:
+  """Compiles, before the first step, every program a step can need (`--config.precompile`): for each prompt
+  length bucket up to max_prompt_tokens the sampler's prefill and decode loop, and for each sequence bucket up
+  to max_prompt_tokens + max_tokens every teacher's scoring and the update, each run once on padding with
+  nothing sampled and the update not applied (the state comes back bit-identical). Returns (state, programs
+  compiled). Rows routed per row reach each teacher in varying numbers, so with several teachers every row
+  bucket up to the step's `rows` is compiled for scoring."""
+  prompt_lens = _ladder(buckets.length_bucket(c.max_prompt_tokens))
+  seq_lens = _ladder(buckets.length_bucket(c.max_prompt_tokens + c.max_tokens))
+  one_bucket_each = lambda sizes: sorted({buckets.batch_bucket(n, shards): n for n in sizes}.values())
+  teacher_rows = one_bucket_each(range(1, rows + 1) if len(teachers) > 1 else [rows])
+  substep_rows = one_bucket_each(sl.stop - sl.start for sl in substep_slices(rows, c.num_substeps))
+  work = [("sample", n) for n in prompt_lens] + [("score and update", n) for n in seq_lens]
+  before = runtime.compile_stats()["compile/xla_compiles"]
+  t0 = time.perf_counter()
+  params, adapters = update.model_args(state["trainable"], frozen, lcfg.enabled)
+  _, sample_rng = jax.random.split(jax.random.wrap_key_data(state["rng"]))  # the loop's key types, unused
+  for what, n in tqdm(work, desc="precompile", unit="bucket", disable=jax.process_index() != 0):
+    if what == "sample":
+      sampler.warm_up(student.cfg, params, rows=rows, prompt_len=n, adapters=adapters, lora_scale=lcfg.scale,
+                      max_new_tokens=c.max_tokens, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
+                      stop_token_ids=eos, rng=sample_rng, mesh=mesh)
+      continue
+    for t in teachers.values():
+      for k in teacher_rows:
+        scoring.token_logprobs(t.model.cfg, t.params, [[0]] * k, [[0] * (n - 1)] * k, adapters=t.adapters,
+                               lora_scale=t.lora_scale, mesh=mesh)
+    for k in substep_rows:
+      zeros = [np.zeros((n - 1,), np.float32)] * k
+      state, _ = _substep(state, frozen, [[0]] * k, [[0] * (n - 1)] * k, zeros, zeros, c, loss_fn=loss_fn,
+                          optimizer=optimizer, mesh=mesh, shards=shards, apply=False)
+  compiled = runtime.compile_stats()["compile/xla_compiles"] - before
+  log.info("precompile: %d programs for %d prompt and %d sequence length buckets in %.1f s", compiled,
+           len(prompt_lens), len(seq_lens), time.perf_counter() - t0)
+  return state, compiled
+
+
+def _ladder(top: int) -> list[int]:
+  """The length buckets from the smallest up to `top` (itself a bucket)."""
+  out = [buckets.length_bucket(0)]
+  while out[-1] < top:
+    out.append(buckets.length_bucket(out[-1] + 1))
+  return out
 
 
 # ============================================================================================ main loop
@@ -278,7 +333,8 @@ def run(c) -> dict[str, float]:
   with jax.sharding.use_mesh(mesh) if hasattr(jax.sharding, "use_mesh") else _nullcontext():
     student = runtime.load_model(c.model_name, c, mesh, tokenizer_path=c.tokenizer_path)
     specs = teachers_lib.dataset_teachers_from_config(c)
-    substep_slices(sum(s.groups_per_batch for s in specs) * c.group_size, c.num_substeps)  # refuse at start-up
+    rows_per_step = sum(s.groups_per_batch for s in specs) * c.group_size
+    substep_slices(rows_per_step, c.num_substeps)  # refuse at start-up
     teachers = load_teachers(c, specs, student, mesh)
     counter = SkipCounter(strict=c.strict)
     data = load_data(c, specs, student, teachers, counter)
@@ -301,6 +357,9 @@ def run(c) -> dict[str, float]:
     loss_fn = functools.partial(opd_loss, student.cfg, lcfg.enabled, lcfg.scale, float(c.temperature),
                                 float(c.ratio_log_cap) or None, c.loss_normalization, 128)
     eos = stop_token_ids(student.tokenizer)
+    if c.precompile:
+      state, _ = precompile(c, student, teachers, state, frozen, lcfg, rows=rows_per_step, eos=eos,
+                            loss_fn=loss_fn, optimizer=optimizer, mesh=mesh, shards=shards)
     last: dict[str, float] = {}
     consecutive_nonfinite = 0
 

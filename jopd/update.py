@@ -54,13 +54,16 @@ def _split_micro(batch: dict, num_micro: int) -> dict:
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "optimizer", "num_micro"),
                    donate_argnames=("trainable", "opt_state"))
-def train_step(trainable, opt_state, frozen, batch: dict, *, loss_fn: LossFn,
+def train_step(trainable, opt_state, frozen, batch: dict, apply=None, *, loss_fn: LossFn,
                optimizer: optax.GradientTransformation, num_micro: int = 1):
   """One optimizer update over `batch` (arrays with a leading row axis; 'loss_mask' [B, T] counts tokens).
 
   Returns (trainable, opt_state, metrics). Metrics: the loss_fn's (per-token means, so micro-batches are
   averaged weighted by their 'loss_mask' token counts; counts named '*tokens*' are summed), `loss`, `grad_norm`,
-  `skipped_nonfinite` (1.0 when the update was not applied because the loss or gradient norm was not finite)."""
+  `skipped_nonfinite` (1.0 when the update was not applied because the loss or gradient norm was not finite).
+
+  `apply` (a bool scalar array, or None for always): False runs the same program but returns trainable and
+  opt_state bit-identical, as for a non-finite loss; a run's warm-up uses it to compile each bucket's update."""
   totals = {"tokens": jnp.sum(batch["loss_mask"].astype(F32)),
             "examples": jnp.sum(jnp.any(batch["loss_mask"], axis=-1)).astype(F32)}
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -89,9 +92,10 @@ def train_step(trainable, opt_state, frozen, batch: dict, *, loss_fn: LossFn,
     metrics = {k: v if "tokens" in k else v / z for k, v in metrics.items()}
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  applied = finite if apply is None else finite & apply
   updates, new_opt_state = optimizer.update(grads, opt_state, trainable)
   new_trainable = optax.apply_updates(trainable, updates)
-  keep = lambda new, old: jnp.where(finite, new, old)
+  keep = lambda new, old: jnp.where(applied, new, old)
   new_trainable = jax.tree.map(keep, new_trainable, trainable)
   new_opt_state = jax.tree.map(keep, new_opt_state, opt_state)
   metrics = dict(metrics, loss=loss, grad_norm=grad_norm, skipped_nonfinite=(~finite).astype(F32))

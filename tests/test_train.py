@@ -61,10 +61,27 @@ def test_teacher_kl_decreases_toward_a_perturbed_student(world, tmp_path):
   tiny_world.run_module("jopd.train", "configs/tiny_opd.py", _base(
       world, log, max_steps=20, save_every=0, learning_rate=1e-2, groups_per_batch=4, group_size=4,
       max_tokens=8, lora_rank=0))
-  kl = [r["teacher_kl"] for r in metrics_lib.read_metrics(log / "metrics.jsonl")]
+  records = metrics_lib.read_metrics(log / "metrics.jsonl")
+  kl = [r["teacher_kl"] for r in records]
   first, last = np.mean(kl[:5]), np.mean(kl[-5:])
   # Margin: the last five steps' mean KL is at least 15% below the first five's (measured: 24%).
   assert last < 0.85 * first, kl
+
+
+def test_twenty_steps_of_varying_lengths_compile_nothing_after_the_first_two(world, tmp_path):
+  # Prompts of 1 to 12 terms (4 to 50 characters) drawn 4 per step; sampled completions stop early or not.
+  rows = [data_utils.prompt_row("Add " + " + ".join(str(j) for j in range(i % 12 + 1)) + ".") for i in range(24)]
+  data = data_utils.write_jsonl(tmp_path / "varied.jsonl", rows)
+  log = tmp_path / "varied"
+  tiny_world.run_module("jopd.train", "configs/tiny_opd.py", {
+      **_base(world, log, max_steps=20, save_every=0, groups_per_batch=2, group_size=2, max_tokens=8),
+      "dataset": data})
+  records = metrics_lib.read_metrics(log / "metrics.jsonl")
+  compiles = [r["compile/xla_compiles"] for r in records]
+  assert len(records) == 20 and compiles[0] > 0, compiles
+  # Bucketed shapes: once the first two steps have compiled the programs, the other 18 compile nothing at all.
+  assert compiles[2:] == [compiles[1]] * 18, compiles
+  assert len({r["tokens/generated"] for r in records}) > 1, [r["tokens/generated"] for r in records]
 
 
 def _routed_world(world, tmp_path):
