@@ -252,7 +252,7 @@ def _substep(state, frozen, prompts, completions, sampling_lps, teacher_lps, c, 
                       rows=update.local_rows(mesh, rows))
   new_trainable, new_opt, m = update.train_step(
       state["trainable"], state["opt_state"], frozen, update.put_batch(batch, mesh, global_rows=rows),
-      distributed.replicated(np.asarray(apply), mesh), loss_fn=loss_fn, optimizer=optimizer,
+      np.asarray(apply) if mesh is None else distributed.replicated(apply, mesh), loss_fn=loss_fn, optimizer=optimizer,
       num_micro=update.num_micro_batches(rows, c.micro_batch_size))
   return dict(state, trainable=new_trainable, opt_state=new_opt), m
 

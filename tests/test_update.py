@@ -116,3 +116,27 @@ def test_unknown_schedule_is_refused():
   c.lr_schedule = "step"
   with pytest.raises(ValueError, match=r"--config.lr_schedule='step'; expected 'constant', 'linear' or 'cosine'"):
     update.make_optimizer(c, 10)
+
+
+def test_a_step_not_applied_returns_the_state_bit_identical_and_the_same_metrics():
+  params = qwen3.init_params(CFG, jax.random.key(0), std=0.2)
+  lcfg = lora.LoraConfig(rank=4)
+  adapters = jax.tree_util.tree_map_with_path(
+      lambda p, x: x + 0.05 if p[-1].key == "b" else x, lora.init_adapters(CFG, lcfg, jax.random.key(1)))
+  optimizer = update.make_optimizer(config_lib.opd(), 10)
+  loss_fn = functools.partial(train.opd_loss, CFG, True, lcfg.scale, 1.0, 20.0, "sum", 8)
+  batch = {k: jnp.asarray(v) for k, v in _batch().items()}
+  opt = optimizer.init(adapters)
+  want = jax.tree.map(np.asarray, (adapters, opt))
+
+  def step(apply):
+    a, o = jax.tree.map(jnp.copy, (adapters, opt))
+    return update.train_step(a, o, params, batch, jnp.asarray(apply), loss_fn=loss_fn, optimizer=optimizer)
+
+  kept_a, kept_o, m_kept = step(False)
+  jax.tree.map(np.testing.assert_array_equal, (kept_a, kept_o), want)
+  moved_a, _, m_moved = step(True)
+  # The same program applied moves the adapters (so the check above can fail), with the same loss.
+  assert max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(moved_a), jax.tree.leaves(want))) > 0
+  assert float(m_kept["loss"]) == float(m_moved["loss"])
+  assert update.train_step._cache_size() >= 1
