@@ -353,13 +353,13 @@ def run(c) -> dict[str, float]:
     primary = jax.process_index() == 0
     writer = metrics_lib.MetricsWriter(log_path, wandb_project=c.wandb_project or None, config=c.to_dict(),
                                        is_primary=primary, start_step=start + 1)
-    bar = metrics_lib.ProgressBar(total_steps, initial=start, enabled=primary)
     loss_fn = functools.partial(opd_loss, student.cfg, lcfg.enabled, lcfg.scale, float(c.temperature),
                                 float(c.ratio_log_cap) or None, c.loss_normalization, 128)
     eos = stop_token_ids(student.tokenizer)
     if c.precompile:
       state, _ = precompile(c, student, teachers, state, frozen, lcfg, rows=rows_per_step, eos=eos,
                             loss_fn=loss_fn, optimizer=optimizer, mesh=mesh, shards=shards)
+    bar = metrics_lib.ProgressBar(total_steps, initial=start, enabled=primary)
     last: dict[str, float] = {}
     consecutive_nonfinite = 0
 
