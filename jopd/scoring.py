@@ -83,13 +83,15 @@ def logprobs_from_hidden(params, h_btd, targets_bt, *, adapters=None, lora_scale
 
 def sequence_logprobs(cfg: qwen3.Qwen3Config, params, tokens_bt, mask_bt, targets_bt, *, adapters=None,
                       lora_scale=1.0, temperature=1.0, chunk_size: int = 128, positions_bt=None,
-                      segment_ids_bt=None):
+                      segment_ids_bt=None, attention_blocks: int = qwen3.FORWARD_BLOCKS):
   """Pure, jittable, differentiable core: logprobs[b, t] = log p(targets_bt[b, t] | tokens_bt[b, :t+1]) at
   `temperature`, and the entropy of that distribution, both [B, T] fp32 and 0 where mask_bt is False.
 
-  The trainer passes tokens = prompt + completion and targets = tokens shifted left by one."""
+  The trainer passes tokens = prompt + completion and targets = tokens shifted left by one, and
+  attention_blocks=qwen3.TRAIN_BLOCKS (see there)."""
   h_btd = qwen3.hidden_states(cfg, params, tokens_bt, mask_bt, adapters=adapters, lora_scale=lora_scale,
-                              positions_bt=positions_bt, segment_ids_bt=segment_ids_bt)
+                              positions_bt=positions_bt, segment_ids_bt=segment_ids_bt,
+                              attention_blocks=attention_blocks)
   logp_bt, entropy_bt = logprobs_from_hidden(params, h_btd, targets_bt, adapters=adapters,
                                              lora_scale=lora_scale, temperature=temperature,
                                              chunk_size=chunk_size)

@@ -23,6 +23,7 @@ from jopd.data import builders, packing
 from jopd.data import pipeline as data_pipeline
 from jopd.data.rows import RowError, SkipCounter
 from jopd.data.sft import render_sft
+from models import qwen3
 
 log = logging.getLogger("jopd")
 
@@ -180,7 +181,8 @@ def sft_loss(model_cfg, lora_enabled, lora_scale, reduction, trainable, frozen, 
   params, adapters = update.model_args(trainable, frozen, lora_enabled)
   logp_bt, _ = scoring.sequence_logprobs(
       model_cfg, params, mb["tokens"], mb["attention_mask"], mb["targets"], adapters=adapters,
-      lora_scale=lora_scale, positions_bt=mb["positions"], segment_ids_bt=mb["segment_ids"])
+      lora_scale=lora_scale, positions_bt=mb["positions"], segment_ids_bt=mb["segment_ids"],
+      attention_blocks=qwen3.TRAIN_BLOCKS)
   loss, m = losses.cross_entropy_loss(logp_bt, mb["weights"], reduction, num_examples=mb["num_examples"][0],
                                       segment_ids_bt=mb["segment_ids"])
   # Sums (named *tokens* so micro-batches add them up); the host divides.

@@ -27,7 +27,7 @@ from jopd import mesh as mesh_lib
 from jopd import metrics as metrics_lib
 from jopd.data import pipeline as data_pipeline
 from jopd.data.rows import SkipCounter
-from models import lora
+from models import lora, qwen3
 
 log = logging.getLogger("jopd")
 
@@ -165,7 +165,7 @@ def opd_loss(model_cfg, lora_enabled, lora_scale, temperature, ratio_log_cap, no
   params, adapters = update.model_args(trainable, frozen, lora_enabled)
   logp_bt, entropy_bt = scoring.sequence_logprobs(
       model_cfg, params, mb["tokens"], mb["attention_mask"], mb["targets"], adapters=adapters,
-      lora_scale=lora_scale, temperature=temperature, chunk_size=chunk)
+      lora_scale=lora_scale, temperature=temperature, chunk_size=chunk, attention_blocks=qwen3.TRAIN_BLOCKS)
   loss, metrics = losses.importance_sampling_loss(
       logp_bt, mb["sampling_logprobs"], mb["advantages"], mb["loss_mask"], ratio_log_cap, normalization,
       token_count=totals["tokens"])

@@ -307,6 +307,36 @@ def attention(q_bthd, k_bskd, v_bskd, mask_bts):
   return out_bkgtd.transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh)
 
 
+# Query blocks of causal attention: a forward alone (scoring, prefill) runs fastest in 8 on CPU; a differentiated
+# one in 2, because more blocks slowed the update's backward and its compile (12-layer bench model, 16 x 512,
+# remat 'full': 1 / 2 / 4 / 8 blocks: step 8.4 / 7.4 / 7.2 / 8.9 s, compile 3.5 / 3.8 / 4.7 / 8.1 s).
+FORWARD_BLOCKS = 8
+TRAIN_BLOCKS = 2
+
+
+def causal_block(t: int, blocks: int = FORWARD_BLOCKS) -> int:
+  """Query block of `causal_attention` for a T-token sequence: T / blocks but at least 64 (0: one dense block)."""
+  block = max(64, t // max(blocks, 1))
+  return block if t % block == 0 and t >= 2 * block else 0
+
+
+def causal_attention(q_bthd, k_bthd, v_bthd, mask_btt, blocks: int = FORWARD_BLOCKS):
+  """`attention` of a sequence over itself whose mask is causal (query i never sees key j > i; padding and
+  packing may mask more), computed per query block over the keys up to the block's end only: the blocks above
+  the diagonal, which the mask zeroes, are never computed (at T = 512 in 8 blocks: 36 of 64 [64, 64] score
+  blocks; the smaller working set runs faster besides: forward 3.6x on CPU). Equal to `attention` up to the
+  order of the sums."""
+  t = q_bthd.shape[1]
+  block = causal_block(t, blocks)
+  if not block:
+    return attention(q_bthd, k_bthd, v_bthd, mask_btt)
+  outs = []
+  for start in range(0, t, block):
+    end = start + block
+    outs.append(attention(q_bthd[:, start:end], k_bthd[:, :end], v_bthd[:, :end], mask_btt[:, start:end, :end]))
+  return jnp.concatenate(outs, axis=1)
+
+
 def _project(x, w, adapter, scale, eq: str, eq_a: str, eq_b: str):
   """x @ W, plus the LoRA term (x @ A) @ B * scale when an adapter is given; W + AB is never formed."""
   y = _dot(eq, x, w)
@@ -390,8 +420,10 @@ def positions_from_mask(attention_mask_bt):
 # Full-sequence forward.
 
 def hidden_states(cfg: Qwen3Config, params: Params, tokens_bt, attention_mask_bt=None, *, adapters=None,
-                  lora_scale: float = 1.0, positions_bt=None, segment_ids_bt=None):
-  """Final-normed hidden states [B, T, D]. `segment_ids_bt` (packed rows) blocks attention across segments."""
+                  lora_scale: float = 1.0, positions_bt=None, segment_ids_bt=None,
+                  attention_blocks: int = FORWARD_BLOCKS):
+  """Final-normed hidden states [B, T, D]. `segment_ids_bt` (packed rows) blocks attention across segments;
+  `attention_blocks`: query blocks of `causal_attention` (TRAIN_BLOCKS under a gradient)."""
   b, t = tokens_bt.shape
   if attention_mask_bt is None:
     attention_mask_bt = jnp.ones((b, t), bool)
@@ -408,7 +440,7 @@ def hidden_states(cfg: Qwen3Config, params: Params, tokens_bt, attention_mask_bt
   def body(x, layer):
     lp, la = layer
     q, k, v = _qkv(cfg, x, positions_bt, lp, la, lora_scale)
-    x = x + project("o", attention(q, k, v, mask_bts), lp, la, lora_scale)
+    x = x + project("o", causal_attention(q, k, v, mask_bts, attention_blocks), lp, la, lora_scale)
     return _mlp(cfg, x, lp, la, lora_scale), None
 
   x = params["embed"][tokens_bt]
@@ -473,7 +505,7 @@ def prefill(cfg: Qwen3Config, params: Params, tokens_bt, attention_mask_bt, cach
     q, k, v = _qkv(cfg, x, positions_bt, lp, la, lora_scale)
     k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), (i, 0, 0, 0, 0))
     v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), (i, 0, 0, 0, 0))
-    x = x + project("o", attention(q, k, v, mask_bts), lp, la, lora_scale)
+    x = x + project("o", causal_attention(q, k, v, mask_bts), lp, la, lora_scale)
     return (_mlp(cfg, x, lp, la, lora_scale), k_cache, v_cache), None
 
   x = params["embed"][tokens_bt]

@@ -52,10 +52,11 @@ def test_config_from_hf_reads_fields(model_pair):
   assert cfg.num_params == sum(p.numel() for p in ref.parameters())
 
 
-@pytest.mark.parametrize("pad_side", ["left", "right"])
-def test_fp32_logits_match_transformers(model_pair, pad_side):
+@pytest.mark.parametrize("pad_side, length", [("left", 12), ("right", 12), ("left", 192), ("right", 192)])
+def test_fp32_logits_match_transformers(model_pair, pad_side, length):
+  # 192 tokens: causal attention in three 64-query blocks (qwen3.causal_block); 12: one dense block.
   ref, cfg, params, _ = model_pair
-  tokens, mask = _padded_batch(1, pad_side)
+  tokens, mask = _padded_batch(1, pad_side, length=length)
   expected = helpers.hf_logits(ref, tokens, mask)
   got = np.asarray(jax.jit(qwen3.forward, static_argnums=0)(cfg, params, tokens, mask))
   assert got.shape == expected.shape
@@ -193,3 +194,21 @@ def test_model_grads_equal_autodiff_fp32(monkeypatch):
   monkeypatch.setattr(qwen3, "_dot", _plain_dot)
   want = jax.grad(loss, argnums=(0, 1))(params, adapters)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), got, want)
+
+
+def test_block_causal_attention_equals_dense_attention_and_its_gradient():
+  b, t, h, kv, dh = 2, 256, 4, 2, 8
+  assert qwen3.causal_block(t) == 64 and qwen3.causal_block(96) == 0
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.normal(size=(b, t, n, dh)), jnp.float32) for n in (h, kv, kv))
+  real = np.arange(t)[None] >= np.array([[0], [37]])           # row 1 left-padded
+  segments = np.where(np.arange(t) < 150, 0, 1)[None]            # two packed segments
+  mask = np.tril(np.ones((t, t), bool))[None] & real[:, None] & (segments[:, :, None] == segments[:, None])
+  mask |= np.eye(t, dtype=bool)[None]
+  loss = lambda f: lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v, mask)))
+  np.testing.assert_allclose(qwen3.causal_attention(q, k, v, mask), qwen3.attention(q, k, v, mask), atol=1e-5)
+  grads = [jax.grad(loss(f), argnums=(0, 1, 2))(q, k, v) for f in (qwen3.causal_attention, qwen3.attention)]
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), *grads)
+  # The blocks skip keys past their end: with a mask that is not causal the two differ (so the check can fail).
+  full = np.ones((b, t, t), bool)
+  assert float(jnp.max(jnp.abs(qwen3.causal_attention(q, k, v, full) - qwen3.attention(q, k, v, full)))) > 0.1
