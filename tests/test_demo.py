@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from jopd import demo_task
+from jopd import demo, demo_task
 from jopd import eval as eval_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,6 +42,33 @@ def test_unknown_kind_and_split_are_refused():
     demo_task.problems("mul", 1, seed=0, split="train")
   with pytest.raises(ValueError, match="split='test'"):
     demo_task.problems("add", 1, seed=0, split="test")
+
+
+def test_cached_accuracy_is_recomputed_after_its_stage_is_re_run(tmp_path, monkeypatch):
+  paths = demo_task.layout(str(tmp_path))
+  os.makedirs(tmp_path / "data")
+  held = demo_task.problems("add", 4, seed=0, split="eval")
+  demo_task.write_jsonl(paths["add_eval"], [demo_task.prompt_row(p) for p in held])
+  answers = {"text": [p["solution"] for p in held]}  # every answer right, then half of them wrong
+  monkeypatch.setattr(demo.Evaluator, "load", lambda self, model, ckpt: None)
+  monkeypatch.setattr(demo.Evaluator, "generate", lambda self, policy, convs, desc: [(t, 1) for t in answers["text"]])
+  ckpt = tmp_path / "opd" / "checkpoints"
+  (ckpt / "20").mkdir(parents=True)
+  assert demo.Evaluator(paths, demo.QUICK).accuracy("opd", "model", str(ckpt), ("add",)) == {"add": 1.0}
+  answers["text"] = [p["solution"] if i % 2 else "Final answer: -1" for i, p in enumerate(held)]
+  # Same checkpoint, a new process: the cached figure (the model is not evaluated again).
+  assert demo.Evaluator(paths, demo.QUICK).accuracy("opd", "model", str(ckpt), ("add",)) == {"add": 1.0}
+  (ckpt / "20").rmdir()
+  (ckpt / "40").mkdir()  # the stage was deleted and re-run for longer
+  assert demo.Evaluator(paths, demo.QUICK).accuracy("opd", "model", str(ckpt), ("add",)) == {"add": 0.5}
+
+
+def test_teacher_traces_are_reused_only_for_the_token_count_they_were_written_for():
+  rows = [{"extra_info": {"tokens": n}} for n in (5, 5, 5, 5, 5, 5)]
+  assert demo._traces_end(rows, 10, 2) == 2     # two rows hold 10 tokens: one whole batch
+  assert demo._traces_end(rows, 11, 2) == 4     # rounded up to whole batches
+  assert demo._traces_end(rows, 30, 3) == 6     # the whole file
+  assert demo._traces_end(rows, 31, 2) is None  # the file is too short: written for a shorter OPD run
 
 
 def _demo(workdir, timeout):
