@@ -163,6 +163,8 @@ def prefill(cfg, lcfg, shape: SampleShape, dtype, mesh=None, *, cpu: bool = Fals
   # before writing the output (so the larger of the two).
   copies = max(kv, cfg.num_layers * _layer_weight_elems(d) * d.a) if unrolled else (
       cfg.num_layers * _layer_weight_elems(d) * 4)
+  if qwen3.upcast_dots() and d.a < 4:  # and the fp32 operands of `qwen3.wide`, all layers' live at once
+    copies += cfg.num_layers * _layer_weight_elems(d) * 4
   cpu_copies = copies if cpu else 0
   return _total({"weights": param_bytes(cfg, dtype, mesh), "adapters": adapter_bytes(cfg, lcfg, mesh),
                  "inputs": b * p * 5, "kv_cache": kv, "outputs": b * shape.max_new * 8, "activations": act,

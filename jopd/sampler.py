@@ -186,10 +186,10 @@ def _attend_one(q_b1hd, k_bksd, v_bksd, valid_bs):
   b, _, h, dh = q_b1hd.shape
   kv = k_bksd.shape[1]
   q_bkgd = q_b1hd.reshape(b, kv, h // kv, dh)
-  scores_bkgs = jnp.einsum("bkgd,bksd->bkgs", q_bkgd, k_bksd, preferred_element_type=F32) * dh**-0.5
+  scores_bkgs = qwen3.einsum_f32("bkgd,bksd->bkgs", q_bkgd, k_bksd) * dh**-0.5
   scores_bkgs = jnp.where(valid_bs[:, None, None, :], scores_bkgs, jnp.finfo(F32).min)
   probs_bkgs = jax.nn.softmax(scores_bkgs, axis=-1).astype(v_bksd.dtype)
-  out_bkgd = jnp.einsum("bkgs,bksd->bkgd", probs_bkgs, v_bksd, preferred_element_type=F32)
+  out_bkgd = qwen3.einsum_f32("bkgs,bksd->bkgd", probs_bkgs, v_bksd)
   return out_bkgd.astype(q_b1hd.dtype).reshape(b, 1, h, dh)
 
 
@@ -240,6 +240,14 @@ def _prefill(cfg, params, adapters, lora_scale, tokens_bt, mask_bt, live_b, rng,
 
 @functools.partial(jax.jit, static_argnames=("cfg", "mesh", "unrolled"), donate_argnames=("state",))
 def _decode(cfg, params, adapters, lora_scale, state: LoopState, sp, stop_ids, max_new, *, mesh, unrolled):
+  # The token loop keeps bf16 dots (`qwen3.native_dots`): upcast, each token would convert every weight, and
+  # fp32 copies hoisted out of the loop ran 14% faster at batch 1 but 20% slower at 16 (AVX2 Zen 3).
+  with qwen3.native_dots():
+    return _decode_loop(cfg, params, adapters, lora_scale, state, sp, stop_ids, max_new, mesh=mesh,
+                        unrolled=unrolled)
+
+
+def _decode_loop(cfg, params, adapters, lora_scale, state: LoopState, sp, stop_ids, max_new, *, mesh, unrolled):
   cache_sh = _cache_shardings(cfg, mesh, unrolled)
   if unrolled:
     layers = _unstack(params["layers"], cfg.num_layers)

@@ -37,11 +37,11 @@ def logits(params, h_btd, *, adapters=None, lora_scale=1.0):
   `embed.T`, XLA:CPU copied the whole transposed embedding on every call (every decoded token)."""
   if "lm_head" in params:
     return qwen3.logits_from_hidden(params, h_btd, adapters=adapters, lora_scale=lora_scale)
-  out_btv = jnp.einsum("btd,vd->btv", h_btd, params["embed"], preferred_element_type=F32)
+  out_btv = qwen3.einsum_f32("btd,vd->btv", h_btd, params["embed"])
   adapter = None if adapters is None else adapters.get("lm_head")
   if adapter is not None:
-    low_btr = jnp.einsum("btd,dr->btr", h_btd, adapter["a"], preferred_element_type=F32).astype(h_btd.dtype)
-    out_btv = out_btv + jnp.einsum("btr,rv->btv", low_btr, adapter["b"], preferred_element_type=F32) * lora_scale
+    low_btr = qwen3.einsum_f32("btd,dr->btr", h_btd, adapter["a"]).astype(h_btd.dtype)
+    out_btv = out_btv + qwen3.einsum_f32("btr,rv->btv", low_btr, adapter["b"]) * lora_scale
   return out_btv
 
 

@@ -212,3 +212,68 @@ def test_block_causal_attention_equals_dense_attention_and_its_gradient():
   # The blocks skip keys past their end: with a mask that is not causal the two differ (so the check can fail).
   full = np.ones((b, t, t), bool)
   assert float(jnp.max(jnp.abs(qwen3.causal_attention(q, k, v, full) - qwen3.attention(q, k, v, full)))) > 0.1
+
+
+@pytest.mark.parametrize("text, native", [
+    ("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma f16c\n", False),                    # AVX2 Zen 3
+    ("processor\t: 0\nflags\t\t: avx2 avx512f avx512_bf16\n", True),                  # Zen 4, Cooper Lake
+    ("processor\t: 0\nflags\t\t: avx2 avx512f amx_bf16 amx_tile\n", True),            # Sapphire Rapids
+    ("processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n", True),                   # Arm v8.6
+    ("processor\t: 0\nFeatures\t: fp asimd evtstrm crc32\n", False),                  # Arm without BF16
+    ("processor\t: 0\n", True),                                                       # no flags: unknown
+])
+def test_cpu_bf16_matmul_detection(tmp_path, text, native):
+  path = tmp_path / "cpuinfo"
+  path.write_text(text)
+  assert qwen3._cpu_has_bf16_matmul(str(path)) is native
+  assert qwen3._cpu_has_bf16_matmul(str(tmp_path / "missing")) is True
+
+
+def test_bf16_dots_override_is_checked(monkeypatch):
+  qwen3.upcast_dots.cache_clear()
+  try:
+    monkeypatch.setenv("JOPD_BF16_DOTS", "fp16")
+    with pytest.raises(ValueError, match=r"^JOPD_BF16_DOTS='fp16'; expected 'auto', 'native' or 'fp32'$"):
+      qwen3.upcast_dots()
+    for mode, want in (("fp32", True), ("native", False)):
+      monkeypatch.setenv("JOPD_BF16_DOTS", mode)
+      qwen3.upcast_dots.cache_clear()
+      assert qwen3.upcast_dots() is want
+  finally:
+    monkeypatch.delenv("JOPD_BF16_DOTS")
+    qwen3.upcast_dots.cache_clear()
+
+
+@pytest.mark.parametrize("eq, x_shape, w_shape", [
+    ("btd,df->btf", (2, 33, 64), (64, 96)),
+    ("bkgtd,bskd->bkgts", (2, 3, 2, 17, 16), (2, 17, 3, 16)),
+])
+def test_upcast_bf16_dots_equal_native_ones_and_their_gradients(monkeypatch, eq, x_shape, w_shape):
+  """A bf16 x bf16 product is exact in fp32 and both ways accumulate in fp32: upcasting the operands may change
+  only the order of the sums (~fp32 epsilon), forward and backward; inside `native_dots` nothing is upcast."""
+  rng = np.random.RandomState(3)
+  x = jnp.asarray(rng.normal(size=x_shape), jnp.bfloat16)
+  w = jnp.asarray(rng.normal(size=w_shape), jnp.bfloat16)
+
+  def run(upcast: bool):
+    monkeypatch.setattr(qwen3, "upcast_dots", lambda: upcast)
+    f = lambda x, w: qwen3._dot(eq, x, w, jnp.float32)
+    out, vjp = jax.vjp(f, x, w)
+    ct = jnp.asarray(np.random.RandomState(4).normal(size=out.shape), jnp.float32)
+    hlo = jax.jit(f).lower(x, w).as_text()
+    return (out, *vjp(ct)), hlo
+
+  (out_n, dx_n, dw_n), hlo_n = run(False)
+  (out_u, dx_u, dw_u), hlo_u = run(True)
+  # The dots' operand types.
+  assert "xbf16>, tensor<" in hlo_n and "xf32>) -> tensor<" not in hlo_n and "xf32>) -> tensor<" in hlo_u
+  np.testing.assert_allclose(out_u, out_n, rtol=1e-5, atol=1e-4)
+  for got, want in ((dx_u, dx_n), (dw_u, dw_n)):
+    assert got.dtype == want.dtype == jnp.bfloat16
+    # Rounded to bf16 after the fp32 sums: at most one bf16 ulp apart.
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=2**-7, atol=1e-3)
+  monkeypatch.setattr(qwen3, "upcast_dots", lambda: True)
+  assert qwen3.wide(x).dtype == jnp.float32 and qwen3.wide(x.astype(jnp.int32)).dtype == jnp.int32
+  with qwen3.native_dots():
+    assert qwen3.wide(x).dtype == jnp.bfloat16
+  assert qwen3.wide(x).dtype == jnp.float32

@@ -208,3 +208,31 @@ def test_mesh_2_1_4_matches_one_device(hf_pair):
     for x, y, lx, ly in zip(one.tokens, many.tokens, one.logprobs, many.logprobs):
       np.testing.assert_array_equal(x, y)
       np.testing.assert_allclose(lx, ly, atol=1e-5)
+
+
+@pytest.mark.parametrize("unrolled", [False, True])
+def test_decode_loop_keeps_bf16_dots_where_prefill_upcasts(monkeypatch, unrolled):
+  """Where `qwen3.upcast_dots` holds (CPUs without bf16 matmul units), the prefill multiplies bf16 weights as
+  fp32 but the decode loop does not: upcast, it would convert every weight once per token."""
+  from jopd import config as config_lib, memory, plan, update
+  from jopd import mesh as mesh_lib
+  from models import lora
+  monkeypatch.setattr(qwen3, "upcast_dots", lambda: True)
+  # Sizes no other test traces, so no program traced under the other policy is reused.
+  cfg = qwen3.Qwen3Config(vocab_size=301, hidden_size=40, intermediate_size=72, num_layers=2, num_heads=2,
+                          num_kv_heads=1, head_dim=20, tie_word_embeddings=True)
+  w = plan.Workload(cfg, cfg, lora.LoraConfig(rank=4), jnp.bfloat16, memory.SampleShape(2, 8, 8),
+                    memory.ScoreShape(2, 16, 16), memory.TrainShape(2, 16), update.make_optimizer(config_lib.opd(), 10))
+  mesh = mesh_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  prefill, decode = plan.lower_sample(w, mesh, unrolled=unrolled)
+
+  def dot_operand_types(lowered):
+    lines = [line for line in lowered.as_text().splitlines() if "stablehlo.dot_general" in line]
+    return {line.rsplit(": (", 1)[1].split(")")[0] for line in lines}
+
+  prefill_types, decode_types = dot_operand_types(prefill), dot_operand_types(decode)
+  assert prefill_types and all("bf16" not in t for t in prefill_types), prefill_types
+  # Every weight dot of the loop reads bf16 (the fp32 LoRA factors meet fp32 operands, as without upcasting).
+  assert any("x40xbf16>, tensor<40x" in t for t in decode_types), decode_types
+  weight_dots = [t for t in decode_types if not t.endswith("x4xf32>")]   # not x @ A [40, 4] (rank 4)
+  assert all("xf32>, tensor<40x" not in t for t in weight_dots), decode_types
