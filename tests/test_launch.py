@@ -227,10 +227,13 @@ def test_tpu_pod_worker_run_is_exclusive_and_stop_delivers_sigterm(tmp_path):
     # Same run name again: re-attaches to the live run instead of starting a second trainer.
     attach = subprocess.Popen(["bash", str(script), "--worker-run", "--run-name=a", "--attach"], env=env,
                               stdout=subprocess.PIPE, text=True)
+    # Stop only once the attach is following the run: on a slow machine the stop could otherwise finish first.
+    first = attach.stdout.readline()
+    assert "run a is running" in first, first
     stop = _run(["bash", script, "--worker-stop", "--run-name=a"], env=env)
     assert stop.returncode == 0, stop.stdout + stop.stderr
     assert "exited with status 0" in stop.stdout
-    attached_out, _ = attach.communicate(timeout=15)
+    attached_out = first + attach.communicate(timeout=15)[0]
     assert attach.returncode == 0 and "[worker 0] checkpoint saved" in attached_out
   finally:
     pid_file = home / "jopd/logs/a/worker-0.pid"
