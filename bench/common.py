@@ -37,6 +37,14 @@ def set_threads() -> int:
   return n
 
 
+def start(bench: str, note: str = "") -> int:
+  """Gives torch XLA's thread count (`set_threads`) and prints the bench's header line; returns the threads."""
+  threads = set_threads()
+  print(f"# {bench} bench: {threads} threads, jax {jax.__version__}, torch {torch.__version__}, "
+        f"{note + ', ' if note else ''}{load_note()}", flush=True)
+  return threads
+
+
 def torch_device() -> str:
   """'cuda' when JAX runs on a GPU and torch sees one (both sides on the same chip), else 'cpu'."""
   return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import time
 
 import jax
 import jax.numpy as jnp
@@ -57,23 +56,18 @@ def torch_seconds(rows: int, k: int, n: int, layers: int, iters: int, repeats: i
 
   with torch.inference_mode():
     run()
-    best = float("inf")
-    for _ in range(repeats):
-      t = time.perf_counter()
-      run()
-      best = min(best, time.perf_counter() - t)
+    best = common.best_time(run, repeats)
   return best / (iters * layers)
 
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__)
-  ap.add_argument("--rows", default="1,2,16", help="rows per product (the sampler runs batch 1 as 2 rows in bf16 on CPU)")
+  ap.add_argument("--rows", default="1,2,16",
+                  help="rows per product (the sampler runs batch 1 as 2 rows in bf16 on CPU)")
   ap.add_argument("--iters", type=int, default=20)
   ap.add_argument("--repeats", type=int, default=3)
   args = ap.parse_args()
-  threads = common.set_threads()
-  print(f"# gemv bench: {threads} threads, jax {jax.__version__}, torch {torch.__version__}, "
-        f"native bf16 dots: {not qwen3.upcast_dots()}, {common.load_note()}", flush=True)
+  common.start("gemv", f"native bf16 dots: {not qwen3.upcast_dots()}")
   bandwidth = peak.read_bandwidth(repeats=3)
   print(f"# measured read bandwidth {bandwidth / 1e9:.1f} GB/s", flush=True)
   for rows in (int(r) for r in args.rows.split(",")):

@@ -58,9 +58,7 @@ def main():
   ap.add_argument("--repeats", type=int, default=2)
   ap.add_argument("--hf_repeats", type=int, default=1)
   args = ap.parse_args()
-  threads = common.set_threads()
-  print(f"# sample bench: {threads} threads, jax {jax.__version__}, torch {torch.__version__}, "
-        f"{common.load_note()}", flush=True)
+  common.start("sample")
   for dtype in args.dtypes.split(","):
     cfg, params, model = common.build_models(dtype)
     weight_bytes = common.param_bytes(params)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import time
 
-import jax
 import numpy as np
 import torch
 
@@ -58,9 +57,7 @@ def main():
   ap.add_argument("--repeats", type=int, default=2)
   ap.add_argument("--chunk_size", type=int, default=0, help="positions per vocab chunk; 0 = automatic")
   args = ap.parse_args()
-  threads = common.set_threads()
-  print(f"# score bench: {threads} threads, jax {jax.__version__}, torch {torch.__version__}, "
-        f"{common.load_note()}", flush=True)
+  common.start("score")
   for dtype in args.dtypes.split(","):
     cfg, params, model = common.build_models(dtype)
     tokens = common.random_prompts(args.batch, args.length, cfg.vocab_size, seed=1)

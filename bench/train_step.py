@@ -139,9 +139,7 @@ def main():
   ap.add_argument("--torch_steps", type=int, default=2)
   ap.add_argument("--no_torch", action="store_true")
   args = ap.parse_args()
-  threads = common.set_threads()
-  print(f"# train_step bench: {threads} threads, jax {jax.__version__}, torch {torch.__version__}, "
-        f"{common.load_note()}", flush=True)
+  common.start("train_step")
   peak_flops = peak.matmul_flops(jnp.bfloat16, repeats=2)
   print(f"# measured bf16 matmul peak {peak_flops / 1e9:.0f} GFLOP/s", flush=True)
   cfg, params, model = common.build_models("bf16")
