@@ -1,6 +1,6 @@
 """Every bench (`make bench` = `python -m bench.all`): peak, small-row dot kernels, sample, score, train step, each
-in its own process, then predicted vs XLA memory of the four programs on the bench model. stdout: one JSON line per result (bench,
-ratio, target, unit, raw numbers); everything else the benches print goes to stderr.
+in its own process, then predicted vs XLA memory of the four programs on the bench model. stdout: one JSON line
+per result (bench, ratio, target, unit, raw numbers); everything else the benches print goes to stderr.
 """
 from __future__ import annotations
 
@@ -65,8 +65,9 @@ def main():
       memory_bench()
       status = 0
     else:
-      extra = {"peak": ["--quick"], "gemv": ["--repeats=1"], "train_step": ["--steps=1", "--torch_steps=1", "--remats=full"]}.get(
-          name, []) if args.quick else []
+      quick = {"peak": ["--quick"], "gemv": ["--repeats=1"],
+               "train_step": ["--steps=1", "--torch_steps=1", "--remats=full"]}
+      extra = quick.get(name, []) if args.quick else []
       status = _run_module(name, extra)
     print(f"# bench.{name}: exit {status} after {time.perf_counter() - t:.0f}s", file=sys.stderr, flush=True)
     if status:

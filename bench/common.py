@@ -37,12 +37,11 @@ def set_threads() -> int:
   return n
 
 
-def start(bench: str, note: str = "") -> int:
-  """Gives torch XLA's thread count (`set_threads`) and prints the bench's header line; returns the threads."""
+def start(bench: str, note: str = "") -> None:
+  """Gives torch XLA's thread count (`set_threads`) and prints the bench's header line."""
   threads = set_threads()
   print(f"# {bench} bench: {threads} threads, jax {jax.__version__}, torch {torch.__version__}, "
         f"{note + ', ' if note else ''}{load_note()}", flush=True)
-  return threads
 
 
 def torch_device() -> str:

@@ -1,10 +1,11 @@
 """Small-row dot kernels (run by hand: `python -m bench.gemv`): the rate at which XLA:CPU (jopd's dot path,
-models/qwen3.py's einsum_f32) and torch (F.linear, oneDNN) stream a bf16 weight when only 1 or 16 rows multiply
+models/qwen3.py's einsum_f32) and torch (F.linear, oneDNN) stream a bf16 weight when only 1-16 rows multiply
 it — the decode step's dots — against this machine's read bandwidth (bench.peak, same run).
 
 This is the ceiling of the batch-1 sampling roofline: a decode step reads every weight once, so the sampler can
 stream weights no faster than these kernels do. Each shape runs as a stack of distinct weights (more bytes than
-the caches hold) in one jitted loop (XLA) or one Python loop (torch), so per-call dispatch is small against the products.
+the caches hold) in one jitted loop (XLA) or one Python loop (torch), so per-call dispatch is small against the
+products.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def _xla_loop(x_mk, w_lkn, *, iters: int):
 
 
 def xla_seconds(rows: int, k: int, n: int, layers: int, iters: int, repeats: int) -> float:
-  """Seconds per [rows, k] x [k, n] bf16 dot in XLA (with its two small elementwise neighbours)."""
+  """Seconds per [rows, k] x [k, n] bf16 dot in XLA (with the small elementwise ops that chain it)."""
   w = jax.random.normal(jax.random.key(0), (layers, k, n), jnp.float32).astype(jnp.bfloat16) * 0.02
   x = jnp.ones((rows, k), jnp.bfloat16)
   jax.block_until_ready(_xla_loop(x, w, iters=iters))
@@ -68,13 +69,13 @@ def main():
   ap.add_argument("--repeats", type=int, default=3)
   args = ap.parse_args()
   common.start("gemv", f"native bf16 dots: {not qwen3.upcast_dots()}")
+  # XLA:CPU unrolls loops of a few trips, and the unrolled products then take a slower path (at 4 trips,
+  # 2-2.5x slower); the sampler's decode loop has 256.
+  iters = max(16, args.iters)
   bandwidth = peak.read_bandwidth(repeats=3)
   print(f"# measured read bandwidth {bandwidth / 1e9:.1f} GB/s", flush=True)
   for rows in (int(r) for r in args.rows.split(",")):
     for name, (k, n, layers) in SHAPES.items():
-      # XLA:CPU unrolls loops of a few trips, and the unrolled products then take a slower path (at 4 trips,
-      # 2-2.5x slower); the sampler's decode loop has 256.
-      iters = max(16, args.iters)
       xs = xla_seconds(rows, k, n, layers, iters, args.repeats)
       ts = torch_seconds(rows, k, n, layers, iters, args.repeats)
       xla_bw, torch_bw = k * n * 2 / xs, k * n * 2 / ts
